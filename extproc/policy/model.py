@@ -1,0 +1,105 @@
+"""The policy as typed values. Loading and validation live in `loader.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"  # over a limit: the action decides
+    SHADOW = "shadow"  # meter-only: decide and record, never refuse
+
+
+class Action(StrEnum):
+    THROTTLE = "throttle"  # 429 + Retry-After
+    BLOCK = "block"  # 403, no Retry-After (a hard stop)
+    ALERT = "alert"  # let it through, record an event
+
+
+class FailureMode(StrEnum):
+    FAIL_OPEN = "fail_open"
+    FAIL_CLOSED = "fail_closed"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits of one scope. None means unlimited."""
+
+    tokens_per_minute: int | None = None
+    requests_per_minute: int | None = None
+    requests_per_hour: int | None = None
+    action: Action = Action.THROTTLE
+
+    @property
+    def empty(self) -> bool:
+        return (
+            self.tokens_per_minute is None
+            and self.requests_per_minute is None
+            and self.requests_per_hour is None
+        )
+
+
+@dataclass(frozen=True)
+class Team:
+    name: str
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class Project:
+    name: str
+    limits: Limits = field(default_factory=Limits)
+    teams: Mapping[str, Team] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    limits: Limits = field(default_factory=Limits)
+    projects: Mapping[str, Project] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    key_id: str  # a printable id; the raw key is never stored
+    sha256: str  # lowercase hex SHA-256 of the raw key
+    tenant: str
+    project: str
+    team: str | None
+    limits: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class Pool:
+    name: str  # routing value written to dynamic metadata, e.g. "h100"
+    tokens_per_minute: int | None = None  # ceiling; None = no ceiling (an overflow pool)
+
+
+@dataclass(frozen=True)
+class RequestRules:
+    max_body_bytes: int = 256 * 1024
+    default_max_tokens: int = 1024  # output reservation when the request names none
+    max_tokens_cap: int = 16384  # output reservation never exceeds this
+
+
+@dataclass(frozen=True)
+class RedisRules:
+    deadline_ms: int = 50
+    on_failure: FailureMode = FailureMode.FAIL_OPEN
+
+
+@dataclass(frozen=True)
+class Policy:
+    version: str
+    mode: Mode
+    request: RequestRules
+    redis: RedisRules
+    pools: tuple[Pool, ...]  # preference order; the first pool with room serves
+    tenants: Mapping[str, Tenant]
+    keys_by_sha256: Mapping[str, ApiKey]
+    source: str = ""  # file it came from
+
+    def key_for_hash(self, digest: str) -> ApiKey | None:
+        return self.keys_by_sha256.get(digest)
