@@ -18,6 +18,11 @@ class Action(StrEnum):
     ALERT = "alert"  # let it through, record an event
 
 
+class Period(StrEnum):
+    DAY = "day"
+    MONTH = "month"
+
+
 class FailureMode(StrEnum):
     FAIL_OPEN = "fail_open"
     FAIL_CLOSED = "fail_closed"
@@ -30,6 +35,10 @@ class Limits:
     tokens_per_minute: int | None = None
     requests_per_minute: int | None = None
     requests_per_hour: int | None = None
+    # access quota per calendar period (UTC), e.g. a monthly token budget
+    quota_tokens: int | None = None
+    quota_requests: int | None = None
+    quota_period: Period = Period.MONTH
     action: Action = Action.THROTTLE
 
     @property
@@ -38,6 +47,8 @@ class Limits:
             self.tokens_per_minute is None
             and self.requests_per_minute is None
             and self.requests_per_hour is None
+            and self.quota_tokens is None
+            and self.quota_requests is None
         )
 
 
