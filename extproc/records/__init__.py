@@ -1,0 +1,1 @@
+"""Evidence: one usage record per request, durable and exportable."""

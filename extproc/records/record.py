@@ -1,0 +1,44 @@
+"""The usage record: who, what model, which pool, tokens by kind, decision, policy version."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import orjson
+
+
+@dataclass(slots=True)
+class UsageRecord:
+    request_id: str
+    time: float  # unix seconds when the request was admitted or refused
+    decision: str  # admitted | throttled | blocked | refused | bad_request | too_large | shadow | ...
+    policy_version: str
+    tenant: str | None = None
+    project: str | None = None
+    team: str | None = None
+    key_id: str | None = None
+    path: str | None = None
+    model: str | None = None
+    response_model: str | None = None
+    pool: str | None = None
+    status: int | None = None
+    stream: bool = False
+    reserved_tokens: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    reasoning_tokens: int = 0
+    usage_source: str = "none"  # reported | estimated | none
+    alerts: tuple[str, ...] = ()
+    degraded: bool = False
+    duration_ms: float = 0.0
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, line: bytes | str) -> UsageRecord:
+        data: dict[str, Any] = orjson.loads(line)
+        data["alerts"] = tuple(data.get("alerts", ()))
+        return cls(**data)

@@ -1,0 +1,81 @@
+"""Append usage records to a JSON Lines file, off the request path.
+
+Records are queued in memory and written by a background task in batches (the write and fsync run
+in a worker thread, so the event loop never blocks on disk). On shutdown the queue is drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from extproc.records.record import UsageRecord
+
+log = logging.getLogger("tokenmeter.records")
+
+
+class JsonlSink:
+    def __init__(self, path: str | Path, *, max_queue: int = 100_000) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=max_queue)
+        self._task: asyncio.Task[None] | None = None
+        self.written = 0
+        self.dropped = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="usage-sink")
+
+    def emit(self, record: UsageRecord) -> None:
+        try:
+            self._queue.put_nowait(record)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            log.error("usage queue full: record %s dropped", record.request_id)
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            while not self._queue.empty() and len(batch) < 1000:
+                batch.append(self._queue.get_nowait())
+            await self._write(batch)
+
+    async def _write(self, batch: list[UsageRecord]) -> None:
+        data = b"".join(r.to_json() + b"\n" for r in batch)
+        try:
+            await asyncio.to_thread(self._append, data)
+            self.written += len(batch)
+        except OSError:
+            log.exception("cannot write usage records to %s", self.path)
+            self.dropped += len(batch)
+
+    def _append(self, data: bytes) -> None:
+        with open(self.path, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        rest: list[UsageRecord] = []
+        while not self._queue.empty():
+            rest.append(self._queue.get_nowait())
+        if rest:
+            await self._write(rest)
+
+
+def read_records(path: str | Path) -> list[UsageRecord]:
+    out: list[UsageRecord] = []
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                out.append(UsageRecord.from_json(line))
+    return out

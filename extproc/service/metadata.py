@@ -1,0 +1,13 @@
+"""Names this project owns on the wire: the dynamic-metadata namespace and the header space."""
+
+NAMESPACE = "tokenmeter"
+
+# Every header under this prefix is set by the processor only; client-sent ones are removed.
+HEADER_PREFIX = "x-tokenmeter-"
+H_TENANT = "x-tokenmeter-tenant"
+H_PROJECT = "x-tokenmeter-project"
+H_TEAM = "x-tokenmeter-team"
+H_KEY_ID = "x-tokenmeter-key-id"
+H_POOL = "x-tokenmeter-pool"
+H_REQUEST_ID = "x-tokenmeter-request-id"
+H_DECISION = "x-tokenmeter-decision"

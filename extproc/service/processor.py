@@ -1,0 +1,444 @@
+"""One ext_proc stream = one HTTP request. This module turns protocol messages into decisions.
+
+Phases, in the order Envoy sends them:
+  request headers  -> identify the caller, strip spoofable headers, set attribution
+  request body     -> parse, bound, reserve on the limiter (one round trip), choose the pool
+  response headers -> add x-ratelimit-* headers, learn whether the body is an SSE stream
+  response body    -> meter each chunk as it passes (answered at once), settle at end of stream
+If the stream ends early (client gone, upstream reset) the reservation is settled at the estimate.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from extproc.limiter.types import Decision, Limiter, Reservation
+from extproc.metering.meter import ResponseMeter
+from extproc.metering.request import (
+    BadRequest,
+    RequestInfo,
+    Schema,
+    inject_stream_usage,
+    parse_request,
+    schema_for_path,
+)
+from extproc.metering.usage import Usage
+from extproc.policy.model import Action, ApiKey, Policy
+from extproc.records.record import UsageRecord
+from extproc.service import responses as R
+from extproc.service.admission import pool_ceilings, reservation_tokens, scope_path
+from extproc.service.errors import error_body
+from extproc.service.identity import identify
+from extproc.service.metadata import (
+    H_KEY_ID,
+    H_POOL,
+    H_PROJECT,
+    H_REQUEST_ID,
+    H_TEAM,
+    H_TENANT,
+    HEADER_PREFIX,
+)
+from extproc.service.ratelimit_headers import ratelimit_headers, retry_after
+from extproc.service.telemetry import Telemetry
+
+log = logging.getLogger("tokenmeter.processor")
+
+# Credentials of the caller are the gateway's business, not the model server's.
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+
+
+class PolicySource(Protocol):
+    """Where the live policy comes from (extproc.policy.PolicyStore, or a fixed one in tests)."""
+
+    @property
+    def current(self) -> Policy: ...
+
+
+class RecordSink(Protocol):
+    """Where usage records go (extproc.records.sink.JsonlSink)."""
+
+    def emit(self, record: UsageRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class FixedPolicy:
+    current: Policy
+
+
+class Context:
+    """What every stream shares: the live policy, the limiter, the record sink, telemetry."""
+
+    def __init__(
+        self,
+        policies: PolicySource,
+        limiter: Limiter,
+        sink: RecordSink,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        self.policies = policies
+        self.limiter = limiter
+        self.sink = sink
+        self.telemetry = telemetry or Telemetry()
+
+    @property
+    def policy(self) -> Policy:
+        return self.policies.current
+
+
+def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for h in msg.headers.headers:
+        out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+    return out
+
+
+_counter = 0
+
+
+def _new_request_id() -> str:
+    global _counter
+    _counter += 1
+    return f"{os.getpid():x}-{time.time_ns():x}-{_counter:x}"
+
+
+@dataclass
+class _State:
+    policy: Policy
+    request_id: str
+    started: float
+    path: str = ""
+    key: ApiKey | None = None
+    info: RequestInfo | None = None
+    reserved: int = 0
+    decision: Decision | None = None
+    meter: ResponseMeter | None = None
+    status: int | None = None
+    settled: bool = False
+    record: UsageRecord | None = None
+    actions: dict[str, Action] = field(default_factory=dict)
+
+
+class StreamProcessor:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.s = _State(policy=ctx.policy, request_id=_new_request_id(), started=time.monotonic())
+
+    async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        which = req.WhichOneof("request")
+        if which == "response_body":
+            return self._on_response_body(req.response_body)
+        if which == "request_headers":
+            return await self._on_request_headers(req.request_headers)
+        if which == "request_body":
+            return await self._on_request_body(req.request_body)
+        if which == "response_headers":
+            return self._on_response_headers(req.response_headers)
+        if which == "request_trailers":
+            return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+
+    # -- request headers -------------------------------------------------------------------
+
+    async def _on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        s = self.s
+        headers = _headers(msg)
+        s.path = headers.get(":path", "")
+        key = identify(headers, s.policy)
+        s.record = UsageRecord(
+            request_id=s.request_id,
+            time=time.time(),
+            decision="pending",
+            policy_version=s.policy.version,
+            path=s.path.split("?", 1)[0],
+        )
+        if key is None:
+            return self._refuse(
+                401,
+                "Missing or unknown API key. Send it as 'Authorization: Bearer <key>'.",
+                type_="invalid_request_error",
+                code="invalid_api_key",
+                decision="refused",
+            )
+        s.key = key
+        s.record.tenant, s.record.project = key.tenant, key.project
+        s.record.team, s.record.key_id = key.team, key.key_id
+        path = scope_path(key, s.policy)
+        s.actions = path.actions
+        attribution = [
+            (H_TENANT, key.tenant),
+            (H_PROJECT, key.project),
+            (H_KEY_ID, key.key_id),
+            (H_REQUEST_ID, s.request_id),
+        ]
+        if key.team is not None:
+            attribution.append((H_TEAM, key.team))
+        set_names = {name for name, _ in attribution}
+        remove = [h for h in headers if h.startswith(HEADER_PREFIX) and h not in set_names]
+        remove += [h for h in _CREDENTIAL_HEADERS if h in headers]
+        if key.team is None and H_TEAM in headers:
+            remove.append(H_TEAM)
+        metadata: dict[str, R.MetadataValue] = {
+            "request_id": s.request_id,
+            "tenant": key.tenant,
+            "project": key.project,
+            "team": key.team or "",
+            "key_id": key.key_id,
+            "policy_version": s.policy.version,
+        }
+        schema = schema_for_path(s.path)
+        if schema is None or msg.end_of_stream:
+            # Not a metered LLM call (or no body): count the request, no token accounting.
+            if schema is not None:
+                return self._bad_request(BadRequest("request body is required", None))
+            decision = await self._reserve(0)
+            refusal = self._refusal_for(decision)
+            if refusal is not None:
+                return refusal
+            metadata.update(self._admitted_metadata(decision))
+            s.record.decision = metadata["decision"]  # type: ignore[assignment]
+            return R.request_headers(
+                [*attribution, (H_POOL, decision.pool or "")],
+                remove,
+                metadata=metadata,
+                clear_route_cache=True,
+                skip_request_body=True,
+            )
+        return R.request_headers(attribution, remove, metadata=metadata)
+
+    # -- request body ----------------------------------------------------------------------
+
+    async def _on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        s = self.s
+        assert s.key is not None and s.record is not None
+        body = msg.body
+        if len(body) > s.policy.request.max_body_bytes:
+            return self._refuse(
+                413,
+                f"Request body is {len(body)} bytes; the limit is {s.policy.request.max_body_bytes}.",
+                type_="invalid_request_error",
+                code="request_too_large",
+                decision="too_large",
+            )
+        schema = schema_for_path(s.path) or Schema.OPENAI
+        try:
+            info = parse_request(body, schema)
+        except BadRequest as exc:
+            return self._bad_request(exc)
+        s.info = info
+        s.record.model, s.record.stream = info.model, info.stream
+        tokens = reservation_tokens(info.prompt_tokens_estimate, info.max_output_tokens, s.policy)
+        decision = await self._reserve(tokens)
+        refusal = self._refusal_for(decision)
+        if refusal is not None:
+            return refusal
+        new_body = inject_stream_usage(body) if info.wants_usage_injection else None
+        set_headers = [(H_POOL, decision.pool or "")]
+        if new_body is not None:
+            set_headers.append(("content-length", str(len(new_body))))
+        metadata = self._admitted_metadata(decision)
+        metadata["model"] = info.model
+        s.record.decision = str(metadata["decision"])
+        s.meter = ResponseMeter(schema, info.stream)
+        return R.request_body(set_headers, body=new_body, metadata=metadata, clear_route_cache=True)
+
+    async def _reserve(self, tokens: int) -> Decision:
+        s = self.s
+        assert s.key is not None and s.record is not None
+        path = scope_path(s.key, s.policy)
+        decision = await self.ctx.limiter.reserve(
+            Reservation(
+                request_id=s.request_id,
+                tenant=s.key.tenant,
+                scopes=path.scopes,
+                tokens=tokens,
+                pools=pool_ceilings(s.policy),
+            )
+        )
+        s.decision = decision
+        if decision.allowed:
+            s.reserved = tokens
+            s.record.reserved_tokens = tokens
+            s.record.pool = decision.pool
+        s.record.alerts = decision.alerts
+        s.record.degraded = decision.degraded
+        self.ctx.telemetry.decision(s.key, decision)
+        return decision
+
+    def _admitted_metadata(self, decision: Decision) -> dict[str, R.MetadataValue]:
+        label = "admitted"
+        if decision.alerts:
+            label = "alert" if self.s.policy.mode.value == "enforce" else "shadow"
+        if decision.degraded:
+            label += "_degraded"
+        return {"pool": decision.pool or "", "decision": label}
+
+    def _refusal_for(self, decision: Decision) -> pb.ProcessingResponse | None:
+        if decision.allowed:
+            return None
+        s = self.s
+        if decision.denied_kind == "backend":
+            return self._refuse(
+                503,
+                "Quota service unavailable; the policy fails closed. Retry shortly.",
+                type_="api_error",
+                code="quota_service_unavailable",
+                decision="refused_backend",
+                headers=[("retry-after", retry_after(decision))],
+            )
+        action = s.actions.get(decision.denied_scope or "", Action.THROTTLE)
+        what = _denial_text(decision)
+        if action is Action.BLOCK:
+            return self._refuse(
+                403,
+                f"Quota exhausted for {decision.denied_scope}: {what}. Requests are blocked.",
+                type_="insufficient_quota",
+                code="quota_exhausted",
+                decision="blocked",
+                headers=ratelimit_headers(decision),
+            )
+        return self._refuse(
+            429,
+            f"Rate limit reached for {decision.denied_scope}: {what}. "
+            f"Retry after {retry_after(decision)}s.",
+            type_="rate_limit_exceeded" if decision.denied_kind != "too_large" else "invalid_request_error",
+            code="rate_limit_exceeded" if decision.denied_kind != "too_large" else "request_exceeds_limit",
+            decision="throttled",
+            headers=[("retry-after", retry_after(decision)), *ratelimit_headers(decision)],
+        )
+
+    # -- responses -------------------------------------------------------------------------
+
+    def _on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+        s = self.s
+        headers = _headers(msg)
+        try:
+            s.status = int(headers.get(":status", "0"))
+        except ValueError:
+            s.status = 0
+        set_headers = [(H_REQUEST_ID, s.request_id)]
+        if s.decision is not None:
+            set_headers += ratelimit_headers(s.decision)
+        if s.meter is None:
+            return R.response_headers(set_headers, skip_response_body=True)
+        streaming = headers.get("content-type", "").startswith("text/event-stream")
+        if s.info is not None and streaming != s.info.stream:
+            s.meter = ResponseMeter(s.meter.schema, streaming)
+        if msg.end_of_stream:
+            return R.response_headers(set_headers, metadata=self._settle())
+        return R.response_headers(set_headers)
+
+    def _on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+        meter = self.s.meter
+        if meter is not None:
+            meter.feed(msg.body)
+        if not msg.end_of_stream:
+            return R.CONTINUE_RESPONSE_BODY
+        return R.response_body(self._settle())
+
+    def _settle(self, *, complete: bool = True) -> dict[str, R.MetadataValue]:
+        """Apply the real count (off the request path) and emit the usage record. Idempotent."""
+        s = self.s
+        if s.settled or s.key is None or s.record is None or s.decision is None:
+            return {}
+        s.settled = True
+        usage = self._usage(complete)
+        actual = usage.total_tokens
+        if s.decision.allowed:
+            self.ctx.limiter.settle(s.key.tenant, s.request_id, actual)
+        rec = s.record
+        rec.status = s.status
+        rec.prompt_tokens, rec.completion_tokens = usage.prompt_tokens, usage.completion_tokens
+        rec.cached_tokens, rec.reasoning_tokens = usage.cached_tokens, usage.reasoning_tokens
+        rec.usage_source = "estimated" if usage.estimated else "reported"
+        if s.meter is not None:
+            rec.response_model = s.meter.response_model
+        if not complete:
+            rec.decision = f"{rec.decision}_incomplete"
+        self._emit()
+        self.ctx.telemetry.usage(s.key, rec)
+        return {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "usage_source": rec.usage_source,
+        }
+
+    def _usage(self, complete: bool) -> Usage:
+        s = self.s
+        prompt_estimate = s.info.prompt_tokens_estimate if s.info else 0
+        if s.meter is not None and (complete or s.meter.saw_usage):
+            return s.meter.finish(prompt_estimate)
+        if not complete:
+            # Cut before usage arrived: stays charged at the reservation, marked estimated.
+            return Usage(prompt_estimate, max(0, s.reserved - prompt_estimate), estimated=True)
+        return Usage(0, 0, estimated=True)
+
+    def close(self) -> None:
+        """The gRPC stream ended. Settle anything left open (a cut stream) at its estimate."""
+        s = self.s
+        if not s.settled and s.decision is not None and s.decision.allowed:
+            self._settle(complete=False)
+
+    # -- refusals --------------------------------------------------------------------------
+
+    def _bad_request(self, exc: BadRequest) -> pb.ProcessingResponse:
+        return self._refuse(
+            400, exc.message, type_="invalid_request_error", code="invalid_request", decision="bad_request",
+            param=exc.param,
+        )
+
+    def _refuse(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str,
+        code: str,
+        decision: str,
+        headers: list[tuple[str, str]] | None = None,
+        param: str | None = None,
+    ) -> pb.ProcessingResponse:
+        s = self.s
+        s.settled = True
+        if s.record is not None:
+            s.record.decision = decision
+            s.record.status = status
+            self._emit()
+        self.ctx.telemetry.refusal(s.key, decision)
+        metadata: Mapping[str, R.MetadataValue] = {
+            "request_id": s.request_id,
+            "decision": decision,
+            "policy_version": s.policy.version,
+        }
+        return R.immediate(
+            status,
+            error_body(message, type_=type_, code=code, param=param),
+            headers=[(H_REQUEST_ID, s.request_id), *(headers or [])],
+            details=f"tokenmeter_{decision}",
+            metadata=metadata,
+        )
+
+    def _emit(self) -> None:
+        rec = self.s.record
+        if rec is None:
+            return
+        rec.duration_ms = round((time.monotonic() - self.s.started) * 1000, 3)
+        self.ctx.sink.emit(rec)
+
+
+def _denial_text(decision: Decision) -> str:
+    kind = decision.denied_kind or "limit"
+    return {
+        "tokens": "tokens per minute",
+        "requests": "requests per window",
+        "quota_tokens": "token quota for the billing period",
+        "quota_requests": "request quota for the billing period",
+        "too_large": "this single request needs more tokens than the whole limit",
+        "pool": "no model pool has capacity",
+    }.get(kind, kind)

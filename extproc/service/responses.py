@@ -1,0 +1,145 @@
+"""Builders for ext_proc ProcessingResponse messages (Envoy's protos from xds-protos).
+
+Never set ProcessingResponse.request_drain: in Envoy 1.40 field 11 is streamed_immediate_response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from extproc.service.metadata import NAMESPACE
+
+MetadataValue = str | int | float | bool
+
+HeaderPairs = Iterable[tuple[str, str]]
+
+
+def _header_mutation(set_headers: HeaderPairs, remove: Iterable[str]) -> pb.HeaderMutation:
+    mutation = pb.HeaderMutation()
+    for name, value in set_headers:
+        opt = mutation.set_headers.add()
+        opt.header.key = name
+        opt.header.raw_value = value.encode()
+        opt.append_action = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    mutation.remove_headers.extend(remove)
+    return mutation
+
+
+def _common(
+    set_headers: HeaderPairs,
+    remove: Iterable[str],
+    clear_route_cache: bool,
+    body: bytes | None = None,
+) -> pb.CommonResponse:
+    common = pb.CommonResponse(
+        header_mutation=_header_mutation(set_headers, remove), clear_route_cache=clear_route_cache
+    )
+    if body is not None:
+        common.body_mutation.body = body
+    return common
+
+
+def _metadata(values: Mapping[str, MetadataValue]) -> struct_pb2.Struct:
+    outer = struct_pb2.Struct()
+    inner = outer.fields[NAMESPACE].struct_value
+    for key, value in values.items():
+        inner.fields[key].CopyFrom(_value(value))
+    return outer
+
+
+def _value(value: MetadataValue) -> struct_pb2.Value:
+    if isinstance(value, bool):
+        return struct_pb2.Value(bool_value=value)
+    if isinstance(value, int | float):
+        return struct_pb2.Value(number_value=float(value))
+    return struct_pb2.Value(string_value=value)
+
+
+def _with_metadata(
+    resp: pb.ProcessingResponse, metadata: Mapping[str, MetadataValue] | None
+) -> pb.ProcessingResponse:
+    if metadata:
+        resp.dynamic_metadata.CopyFrom(_metadata(metadata))
+    return resp
+
+
+def request_headers(
+    set_headers: HeaderPairs = (),
+    remove: Iterable[str] = (),
+    *,
+    metadata: Mapping[str, MetadataValue] | None = None,
+    clear_route_cache: bool = False,
+    skip_request_body: bool = False,
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(
+            response=_common(set_headers, remove, clear_route_cache)
+        )
+    )
+    if skip_request_body:
+        resp.mode_override.request_body_mode = resp.mode_override.NONE
+        resp.mode_override.response_body_mode = resp.mode_override.NONE
+    return _with_metadata(resp, metadata)
+
+
+def request_body(
+    set_headers: HeaderPairs = (),
+    remove: Iterable[str] = (),
+    *,
+    body: bytes | None = None,
+    metadata: Mapping[str, MetadataValue] | None = None,
+    clear_route_cache: bool = False,
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(
+        request_body=pb.BodyResponse(response=_common(set_headers, remove, clear_route_cache, body))
+    )
+    return _with_metadata(resp, metadata)
+
+
+def response_headers(
+    set_headers: HeaderPairs = (),
+    *,
+    metadata: Mapping[str, MetadataValue] | None = None,
+    skip_response_body: bool = False,
+) -> pb.ProcessingResponse:
+    resp = pb.ProcessingResponse(
+        response_headers=pb.HeadersResponse(response=_common(set_headers, (), False))
+    )
+    if skip_response_body:
+        resp.mode_override.response_body_mode = resp.mode_override.NONE
+    return _with_metadata(resp, metadata)
+
+
+# An unmodified chunk: reused, never mutated, so the streaming path allocates nothing.
+CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
+
+
+def response_body(metadata: Mapping[str, MetadataValue] | None = None) -> pb.ProcessingResponse:
+    if not metadata:
+        return CONTINUE_RESPONSE_BODY
+    return _with_metadata(pb.ProcessingResponse(response_body=pb.BodyResponse()), metadata)
+
+
+def immediate(
+    status: int,
+    body: bytes,
+    *,
+    headers: HeaderPairs = (),
+    details: str,
+    metadata: Mapping[str, MetadataValue] | None = None,
+) -> pb.ProcessingResponse:
+    all_headers = [("content-type", "application/json"), *headers]
+    resp = pb.ProcessingResponse(
+        immediate_response=pb.ImmediateResponse(
+            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            headers=_header_mutation(all_headers, ()),
+            body=body,
+            details=details,
+        )
+    )
+    return _with_metadata(resp, metadata)

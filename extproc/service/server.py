@@ -1,0 +1,108 @@
+"""The gRPC server: a thin loop that hands each ext_proc stream to a StreamProcessor.
+
+Also serves the standard gRPC health service. SIGTERM/SIGINT: report NOT_SERVING, stop accepting,
+let open streams finish (bounded grace), apply queued settlements, flush usage records, exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from extproc.limiter import limiter_from_url
+from extproc.policy import PolicyStore
+from extproc.records.sink import JsonlSink
+from extproc.service.processor import Context, StreamProcessor
+
+log = logging.getLogger("tokenmeter.server")
+
+SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    async def Process(  # noqa: N802 - gRPC method name
+        self,
+        request_iterator: AsyncIterator[pb.ProcessingRequest],
+        context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
+    ) -> AsyncIterator[pb.ProcessingResponse]:
+        proc = StreamProcessor(self.ctx)
+        try:
+            async for request in request_iterator:
+                yield await proc.handle(request)
+        finally:
+            proc.close()
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    policy: str
+    listen: str = "127.0.0.1:50051"
+    redis: str | None = None
+    usage_log: str = "var/usage.jsonl"
+    grace_seconds: float = 10.0
+    reload_interval: float = 1.0
+    replicas_hint: int = 1
+    metrics_port: int | None = None
+
+
+async def serve(opts: ServeOptions) -> None:
+    store = PolicyStore(opts.policy)  # refuses to start on a malformed policy (PolicyError)
+    policy = store.current
+    limiter = limiter_from_url(
+        opts.redis,
+        deadline_ms=policy.redis.deadline_ms,
+        on_failure=str(policy.redis.on_failure),
+        replicas_hint=opts.replicas_hint,
+    )
+    sink = JsonlSink(opts.usage_log)
+    sink.start()
+    ctx = Context(store, limiter, sink)
+
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_concurrent_streams", 100_000),
+            ("grpc.http2.max_pings_without_data", 0),
+            ("grpc.so_reuseport", 0),
+        ]
+    )
+    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ctx), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(opts.listen)
+    if bound == 0 and not opts.listen.startswith("unix:"):
+        raise OSError(f"cannot listen on {opts.listen}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reload_task = asyncio.create_task(store.run(opts.reload_interval), name="policy-reload")
+    log.info(
+        "tokenmeter serving on %s (policy %s version %s, limiter %s)",
+        opts.listen, opts.policy, policy.version, "redis" if opts.redis else "in-memory",
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: draining open streams (grace %.1fs)", opts.grace_seconds)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.stop(opts.grace_seconds)
+    reload_task.cancel()
+    await limiter.flush()
+    await limiter.aclose()
+    await sink.aclose()
+    log.info("stopped")
