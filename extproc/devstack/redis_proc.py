@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from extproc.devstack.binaries import find_redis_server
+from extproc.devstack.commands import redis_argv
 from extproc.devstack.ports import free_port, wait_for_port
 
 
@@ -56,15 +57,8 @@ def start_redis_server(
 ) -> RedisProcess:
     port = port or free_port()
     workdir = workdir or tempfile.mkdtemp(prefix="tm-redis-")
-    args = [
-        find_redis_server(),
-        "--port", str(port),
-        "--bind", "127.0.0.1",
-        "--save", "",
-        "--appendonly", "no",
-        "--dir", workdir,
-        *extra_args,
-    ]
+    argv = redis_argv(port=port)
+    args = [find_redis_server(), *argv[1:], "--bind", "127.0.0.1", "--dir", workdir, *extra_args]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for_port(port)

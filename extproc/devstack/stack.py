@@ -179,7 +179,7 @@ class Stack:
     def _spawn(self, name: str, argv: list[str]) -> Proc:
         argv = _resolve(argv)
         log_path = self.run_dir / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - lives as long as the process
+        log_file = open(log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         popen = subprocess.Popen(
             argv, stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT, start_new_session=True

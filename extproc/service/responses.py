@@ -136,7 +136,7 @@ def immediate(
     all_headers = [("content-type", "application/json"), *headers]
     resp = pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=_header_mutation(all_headers, ()),
             body=body,
             details=details,

@@ -27,11 +27,11 @@ log = logging.getLogger("tokenmeter.server")
 SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
 
-    async def Process(  # noqa: N802 - gRPC method name
+    async def Process(
         self,
         request_iterator: AsyncIterator[pb.ProcessingRequest],
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],

@@ -47,7 +47,7 @@ class Telemetry:
         self._refusals.add(1, {"tenant": key.tenant if key else "", "reason": reason})
 
     def usage(self, key: ApiKey, rec: UsageRecord) -> None:
-        base = {
+        base: dict[str, str | bool] = {
             "tenant": key.tenant,
             "project": key.project,
             "key_id": key.key_id,

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from extproc.devstack.stack import Stack, StackOptions
+
+E2E_POLICY = Path(__file__).parent / "policy.yaml"
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Real Envoy + processor + redis-server + two fake model pools, shared by the e2e tests."""
+    with Stack(StackOptions(policy=E2E_POLICY, run_dir=tmp_path_factory.mktemp("stack"))) as s:
+        yield s

@@ -1,0 +1,51 @@
+"""Every Envoy config we ship, and the loopback rendering the tests run, passes `envoy --mode validate`."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from extproc.devstack import envoy_config
+from extproc.devstack.binaries import find_envoy
+from extproc.devstack.envoy_config import REPO_ROOT, Endpoint
+
+SHIPPED = sorted((REPO_ROOT / "envoy").glob("*.yaml"))
+
+
+def _validate(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [find_envoy(), "--mode", "validate", "-c", str(path), "--use-dynamic-base-id"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_envoy_config_is_valid(path: Path) -> None:
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout
+
+
+def test_rendered_loopback_config_is_valid(tmp_path: Path) -> None:
+    config = envoy_config.render(
+        listen_port=18080,
+        admin_port=19901,
+        clusters={
+            "tokenmeter_processor": [Endpoint(uds=str(tmp_path / "tm.sock"))],
+            "h100_pool": [Endpoint("127.0.0.1", 18001)],
+            "cheap_pool": [Endpoint("127.0.0.1", 18002)],
+        },
+        access_log_path=str(tmp_path / "access.log"),
+    )
+    result = _validate(envoy_config.write(config, tmp_path / "envoy.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_broken_config_fails_validation(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((REPO_ROOT / "envoy" / "envoy.yaml").read_text().replace("cluster: h100_pool", "cluster: 7"))
+    assert _validate(bad).returncode != 0

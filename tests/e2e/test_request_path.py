@@ -1,0 +1,161 @@
+"""Traffic through a real Envoy with the shipped config, the processor, Redis and fake model servers."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from extproc.devstack.stack import Stack
+from tests.e2e.client import chat, fake_stats, request
+
+BASIC = "e2e-basic-key"
+
+
+def _wait_for(predicate, timeout: float = 5.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def _record(stack: Stack, request_id: str) -> dict[str, object] | None:
+    if not stack.usage_log.exists():
+        return None
+    for line in stack.usage_log.read_text().splitlines():
+        rec = json.loads(line)
+        if rec["request_id"] == request_id:
+            return rec  # type: ignore[no-any-return]
+    return None
+
+
+def test_unknown_key_gets_401_with_openai_error(stack: Stack) -> None:
+    reply = chat(stack.base_url, "sk-unknown")
+    assert reply.status == 401
+    assert reply.json()["error"]["code"] == "invalid_api_key"
+    missing = chat(stack.base_url, None)
+    assert missing.status == 401
+
+
+def test_admitted_request_is_served_with_ratelimit_headers(stack: Stack) -> None:
+    reply = chat(stack.base_url, BASIC, max_tokens=20)
+    assert reply.status == 200, reply.body
+    body = reply.json()
+    assert body["usage"]["completion_tokens"] == 20
+    for kind in ("tokens", "requests"):
+        assert int(reply.headers[f"x-ratelimit-limit-{kind}"]) > 0
+        assert int(reply.headers[f"x-ratelimit-remaining-{kind}"]) >= 0
+        assert reply.headers[f"x-ratelimit-reset-{kind}"]
+
+
+def test_non_streaming_usage_is_metered_as_reported(stack: Stack) -> None:
+    reply = chat(stack.base_url, BASIC, max_tokens=17)
+    assert reply.status == 200
+    rid = reply.headers["x-tokenmeter-request-id"]
+    rec = _wait_for(lambda: _record(stack, rid))
+    assert rec is not None
+    usage = reply.json()["usage"]
+    assert rec["prompt_tokens"] == usage["prompt_tokens"]
+    assert rec["completion_tokens"] == usage["completion_tokens"] == 17
+    assert rec["usage_source"] == "reported"
+    assert rec["tenant"] == "acme" and rec["key_id"] == "e2e-basic" and rec["team"] == "web"
+
+
+def test_streaming_usage_is_metered_as_reported_even_without_include_usage(stack: Stack) -> None:
+    reply = chat(stack.base_url, BASIC, stream=True, max_tokens=23)
+    assert reply.status == 200
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    chunks = reply.sse_data()
+    usage = [c["usage"] for c in chunks if c.get("usage")]
+    assert usage, "the processor asks the model server to report usage on streams"
+    rid = reply.headers["x-tokenmeter-request-id"]
+    rec = _wait_for(lambda: _record(stack, rid))
+    assert rec is not None
+    assert rec["completion_tokens"] == usage[-1]["completion_tokens"] == 23
+    assert rec["prompt_tokens"] == usage[-1]["prompt_tokens"]
+    assert rec["usage_source"] == "reported"
+
+
+def test_access_log_carries_attribution_and_tokens(stack: Stack) -> None:
+    reply = chat(stack.base_url, BASIC, max_tokens=9)
+    rid = reply.headers["x-tokenmeter-request-id"]
+
+    def entry() -> dict[str, object] | None:
+        return next((e for e in stack.access_log_entries() if e.get("request_id") == rid), None)
+
+    log = _wait_for(entry)
+    assert log is not None
+    assert log["tenant"] == "acme" and log["project"] == "chat" and log["key_id"] == "e2e-basic"
+    assert log["model"] == "llama-test"
+    assert log["completion_tokens"] == 9
+    assert log["decision"] == "admitted"
+    assert log["pool"] in ("h100", "cheap")
+    assert "e2e-basic-key" not in json.dumps(log)
+
+
+def test_spoofed_attribution_and_routing_headers_have_no_effect(stack: Stack) -> None:
+    spoof = {
+        "x-tokenmeter-tenant": "globex",
+        "x-tokenmeter-key-id": "someone-else",
+        "x-tokenmeter-pool": "cheap",
+        "x-tokenmeter-evil": "1",
+    }
+    before = fake_stats(stack.pool_ports["cheap"])["requests"]
+    reply = chat(stack.base_url, BASIC, max_tokens=5, extra_headers=spoof)
+    assert reply.status == 200
+    # The basic key's pool has room, so h100 serves regardless of the client's x-tokenmeter-pool.
+    assert reply.headers["x-fake-pool"] == "h100"
+    assert fake_stats(stack.pool_ports["cheap"])["requests"] == before
+    assert reply.headers["x-fake-seen-tenant"] == "acme"
+    seen = reply.headers["x-fake-seen-headers"].split(",")
+    assert "x-tokenmeter-evil" not in seen
+    assert "authorization" not in seen
+
+
+def test_malformed_json_gets_a_clear_400(stack: Stack) -> None:
+    headers = {"authorization": f"Bearer {BASIC}", "content-type": "application/json"}
+    reply = request(stack.base_url, "POST", "/v1/chat/completions", b'{"model": "x", "messages": [', headers)
+    assert reply.status == 400
+    assert "not valid JSON" in reply.json()["error"]["message"]
+
+
+def test_oversized_body_gets_413_not_a_crash(stack: Stack) -> None:
+    reply = chat(stack.base_url, BASIC, text="word " * 20000)  # ~100 KB > the 64 KiB policy bound
+    assert reply.status == 413
+    assert reply.json()["error"]["code"] == "request_too_large"
+    assert chat(stack.base_url, BASIC, max_tokens=3).status == 200
+
+
+def test_token_budget_spent_gives_429_with_retry_after_and_headers(stack: Stack) -> None:
+    statuses = []
+    last = None
+    for _ in range(12):
+        last = chat(stack.base_url, "e2e-tight-key", max_tokens=200)
+        statuses.append(last.status)
+        if last.status == 429:
+            break
+    assert 200 in statuses and statuses[-1] == 429
+    assert last is not None
+    assert int(last.headers["retry-after"]) >= 1
+    assert last.headers["x-ratelimit-limit-tokens"] == "1000"
+    assert int(last.headers["x-ratelimit-remaining-tokens"]) < 250
+    assert last.headers["x-ratelimit-reset-tokens"]
+    assert last.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_requests_per_minute_limit_gives_429(stack: Stack) -> None:
+    statuses = [chat(stack.base_url, "e2e-rpm-key", max_tokens=1).status for _ in range(4)]
+    assert statuses == [200, 200, 200, 429]
+
+
+def test_block_action_answers_403_without_retry_after(stack: Stack) -> None:
+    statuses = []
+    reply = None
+    for _ in range(6):
+        reply = chat(stack.base_url, "e2e-block-key", max_tokens=200)
+        statuses.append(reply.status)
+        if reply.status != 200:
+            break
+    assert reply is not None and reply.status == 403
+    assert "retry-after" not in reply.headers
