@@ -49,3 +49,23 @@ def test_a_broken_config_fails_validation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text((REPO_ROOT / "envoy" / "envoy.yaml").read_text().replace("cluster: h100_pool", "cluster: 7"))
     assert _validate(bad).returncode != 0
+
+
+def test_istio_envoyfilter_patch_is_a_valid_envoy_filter(tmp_path: Path) -> None:
+    """The filter the Istio EnvoyFilter inserts is validated by Envoy inside the shipped bootstrap,
+    and it matches the shipped filter (same processing mode and header rules)."""
+    import yaml
+
+    patch = yaml.safe_load((REPO_ROOT / "envoy" / "istio" / "envoyfilter.yaml").read_text())
+    istio_filter = patch["spec"]["configPatches"][0]["patch"]["value"]
+    config = yaml.safe_load((REPO_ROOT / "envoy" / "envoy.yaml").read_text())
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    shipped_filter = hcm["http_filters"][0]
+    for field in ("processing_mode", "forward_rules", "metadata_options", "failure_mode_allow"):
+        assert istio_filter["typed_config"][field] == shipped_filter["typed_config"][field], field
+    hcm["http_filters"][0] = istio_filter
+    config["static_resources"]["clusters"][0]["name"] = "outbound|50051||tokenmeter.tokenmeter.svc.cluster.local"
+    path = tmp_path / "istio-equivalent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr
