@@ -1,1 +1,41 @@
+"""The policy: typed values, the strict file loader and the hot-reloading store."""
 
+from extproc.policy.keys import hash_key
+from extproc.policy.loader import PolicyError, load_policy, parse_policy
+from extproc.policy.model import (
+    Action,
+    ApiKey,
+    FailureMode,
+    Limits,
+    Mode,
+    Period,
+    Policy,
+    Pool,
+    Project,
+    RedisRules,
+    RequestRules,
+    Team,
+    Tenant,
+)
+from extproc.policy.watch import PolicyStore
+
+__all__ = [
+    "Action",
+    "ApiKey",
+    "FailureMode",
+    "Limits",
+    "Mode",
+    "Period",
+    "Policy",
+    "PolicyError",
+    "PolicyStore",
+    "Pool",
+    "Project",
+    "RedisRules",
+    "RequestRules",
+    "Team",
+    "Tenant",
+    "hash_key",
+    "load_policy",
+    "parse_policy",
+]

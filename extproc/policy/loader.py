@@ -1,0 +1,486 @@
+"""Load a policy file into `Policy` values, validating strictly.
+
+The YAML is composed into nodes (not constructed into plain Python values) so that every
+error can name the line of the node at fault. Every failure, from a missing file to a bad
+limit, is a `PolicyError` carrying file, line and reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from extproc.policy.model import (
+    Action,
+    ApiKey,
+    FailureMode,
+    Limits,
+    Mode,
+    Period,
+    Policy,
+    Pool,
+    Project,
+    RedisRules,
+    RequestRules,
+    Team,
+    Tenant,
+)
+
+_E = TypeVar("_E", bound=StrEnum)
+
+_TAG_STR = "tag:yaml.org,2002:str"
+_TAG_INT = "tag:yaml.org,2002:int"
+_TAG_MERGE = "tag:yaml.org,2002:merge"
+_TAG_NULL = "tag:yaml.org,2002:null"
+_TAG_NAMES = {
+    "tag:yaml.org,2002:bool": "a boolean",
+    _TAG_NULL: "null",
+    "tag:yaml.org,2002:float": "a float",
+    _TAG_INT: "an integer",
+    _TAG_STR: "a string",
+    "tag:yaml.org,2002:timestamp": "a date",
+}
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# names end up in Redis keys, metric labels and routing metadata: keep them plain
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_CONSTRUCTOR = SafeConstructor()
+
+_TOP_KEYS = ("version", "mode", "request", "redis", "pools", "tenants", "keys")
+_REQUIRED_TOP_KEYS = ("version", "tenants", "keys", "pools")
+_LIMIT_INT_KEYS = (
+    "tokens_per_minute",
+    "requests_per_minute",
+    "requests_per_hour",
+    "quota_tokens",
+    "quota_requests",
+)
+_LIMIT_KEYS = (*_LIMIT_INT_KEYS, "quota_period", "action")
+_REQUEST_KEYS = ("max_body_bytes", "default_max_tokens", "max_tokens_cap")
+_REDIS_KEYS = ("deadline_ms", "on_failure")
+_POOL_KEYS = ("name", "tokens_per_minute")
+_TENANT_KEYS = ("limits", "projects")
+_PROJECT_KEYS = ("limits", "teams")
+_TEAM_KEYS = ("limits",)
+_APIKEY_KEYS = ("id", "sha256", "tenant", "project", "team", "limits")
+
+
+class PolicyError(Exception):
+    """A policy file that cannot be used: `file:line: reason` (line is 1-based, may be unknown)."""
+
+    def __init__(self, file: str, line: int | None, reason: str) -> None:
+        super().__init__(file, line, reason)
+        self.file = file
+        self.line = line
+        self.reason = reason
+
+    def __str__(self) -> str:
+        if self.line is None:
+            return f"{self.file}: {self.reason}"
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+class _Invalid(Exception):
+    """Raised while walking the nodes; turned into a PolicyError naming the source."""
+
+    def __init__(self, node: Node | None, reason: str) -> None:
+        super().__init__(reason)
+        self.line = _line(node) if node is not None else None
+        self.reason = reason
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and validate the policy file at `path`."""
+    return parse_policy(read_policy_text(path), str(path))
+
+
+def read_policy_text(path: str | Path) -> str:
+    """The text of a policy file; any failure to read it is a PolicyError."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise PolicyError(str(path), None, "policy file not found") from None
+    except IsADirectoryError:
+        raise PolicyError(str(path), None, "policy path is a directory, not a file") from None
+    except OSError as exc:
+        raise PolicyError(str(path), None, f"cannot read policy file: {exc.strerror or exc}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise PolicyError(str(path), line, "policy file is not valid UTF-8") from None
+
+
+def parse_policy(text: str, source: str) -> Policy:
+    """Validate policy YAML `text`; `source` names it in errors and in `Policy.source`."""
+    root = _compose(text, source)
+    try:
+        return _policy(root, source)
+    except _Invalid as exc:
+        raise PolicyError(source, exc.line, exc.reason) from None
+    except RecursionError:
+        raise PolicyError(source, None, "policy is nested too deeply") from None
+
+
+# -- YAML -------------------------------------------------------------------------------
+
+
+def _compose(text: str, source: str) -> Node:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        reason = ": ".join(p for p in (exc.context, exc.problem) if p)
+        raise PolicyError(source, line, f"invalid YAML: {reason or 'syntax error'}") from None
+    except yaml.reader.ReaderError as exc:
+        line = text[: exc.position].count("\n") + 1
+        char = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+        raise PolicyError(source, line, f"invalid YAML: unacceptable character {char}") from None
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "syntax error"
+        raise PolicyError(source, None, f"invalid YAML: {first}") from None
+    except RecursionError:
+        raise PolicyError(source, None, "invalid YAML: nested too deeply") from None
+    if root is None or (isinstance(root, ScalarNode) and root.tag == _TAG_NULL):
+        raise PolicyError(source, None, "policy file is empty")
+    return root
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _kind(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    return _TAG_NAMES.get(node.tag, f"a value tagged {node.tag}")
+
+
+@dataclass(frozen=True)
+class _Field:
+    key: Node
+    value: Node
+
+
+@dataclass(frozen=True)
+class _Map:
+    """A YAML mapping whose keys have been checked: strings, unique, all allowed."""
+
+    node: Node
+    where: str
+    fields: Mapping[str, _Field]
+
+    def get(self, key: str) -> Node | None:
+        found = self.fields.get(key)
+        return found.value if found is not None else None
+
+    def require(self, key: str) -> Node:
+        found = self.fields.get(key)
+        if found is None:
+            raise _Invalid(self.node, f"missing required key '{key}' in {self.where or 'the top level'}")
+        return found.value
+
+    def sub(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+
+def _map_node(node: Node, where: str, allowed: Iterable[str] | None) -> _Map:
+    """Check a mapping node. `allowed=None` means the keys are names (tenants, projects...)."""
+    if not isinstance(node, MappingNode):
+        raise _Invalid(node, f"{where or 'policy'} must be a mapping, got {_kind(node)}")
+    allowed_keys = tuple(allowed) if allowed is not None else None
+    fields: dict[str, _Field] = {}
+    for key_node, value_node in node.value:
+        key = _key_text(key_node, where, names=allowed_keys is None)
+        if allowed_keys is not None and key not in allowed_keys:
+            raise _Invalid(
+                key_node,
+                f"unknown key '{key}' in {where or 'the top level'} (allowed: {', '.join(allowed_keys)})",
+            )
+        if key in fields:
+            first = _line(fields[key].key)
+            raise _Invalid(
+                key_node, f"duplicate key '{key}' in {where or 'the top level'} (first at line {first})"
+            )
+        fields[key] = _Field(key_node, value_node)
+    return _Map(node, where, fields)
+
+
+def _key_text(node: Node, where: str, *, names: bool) -> str:
+    place = where or "the top level"
+    if isinstance(node, ScalarNode) and node.tag == _TAG_MERGE:
+        raise _Invalid(node, f"YAML merge keys (<<) are not supported in {place}")
+    if not isinstance(node, ScalarNode) or node.tag != _TAG_STR:
+        hint = " (quote it)" if isinstance(node, ScalarNode) else ""
+        raise _Invalid(node, f"keys in {place} must be strings, got {_kind(node)}{hint}")
+    text = str(node.value)
+    if names:
+        _check_name(node, text, place)
+    return text
+
+
+def _check_name(node: Node, text: str, place: str) -> None:
+    if not _NAME.fullmatch(text):
+        raise _Invalid(
+            node,
+            f"invalid name '{text}' in {place}: use letters, digits, '.', '_' or '-' "
+            "(starting with a letter or digit, at most 128 characters)",
+        )
+
+
+# -- scalars ----------------------------------------------------------------------------
+
+
+def _string(node: Node, where: str) -> str:
+    if not isinstance(node, ScalarNode) or node.tag != _TAG_STR:
+        hint = " (quote it)" if isinstance(node, ScalarNode) else ""
+        raise _Invalid(node, f"{where} must be a string, got {_kind(node)}{hint}")
+    text = str(node.value)
+    if not text.strip():
+        raise _Invalid(node, f"{where} must not be empty")
+    return text
+
+
+def _name(node: Node, where: str) -> str:
+    text = _string(node, where)
+    _check_name(node, text, where)
+    return text
+
+
+def _positive_int(node: Node, where: str) -> int:
+    if not isinstance(node, ScalarNode) or node.tag != _TAG_INT:
+        raise _Invalid(node, f"{where} must be a positive integer, got {_kind(node)}")
+    value = _CONSTRUCTOR.construct_yaml_int(node)
+    if value <= 0:
+        raise _Invalid(node, f"{where} must be a positive integer, got {value}")
+    return value
+
+
+def _optional_int(m: _Map, key: str) -> int | None:
+    node = m.get(key)
+    return _positive_int(node, m.sub(key)) if node is not None else None
+
+
+def _enum(node: Node, enum: type[_E], where: str) -> _E:
+    choices = ", ".join(member.value for member in enum)
+    if not isinstance(node, ScalarNode) or node.tag != _TAG_STR:
+        raise _Invalid(node, f"{where} must be one of: {choices}; got {_kind(node)}")
+    try:
+        return enum(node.value)
+    except ValueError:
+        field = where.rsplit(".", 1)[-1]
+        raise _Invalid(
+            node, f"{where}: unknown {field} '{node.value}' (expected one of: {choices})"
+        ) from None
+
+
+def _optional_enum(m: _Map, key: str, enum: type[_E], default: _E) -> _E:
+    node = m.get(key)
+    return _enum(node, enum, m.sub(key)) if node is not None else default
+
+
+# -- sections ---------------------------------------------------------------------------
+
+
+def _policy(root: Node, source: str) -> Policy:
+    top = _map_node(root, "", _TOP_KEYS)
+    for key in _REQUIRED_TOP_KEYS:
+        top.require(key)
+    version = _string(top.require("version"), "version")
+    mode = _optional_enum(top, "mode", Mode, Mode.ENFORCE)
+    request = _request(top.get("request"))
+    redis = _redis(top.get("redis"))
+    pools = _pools(top.require("pools"))
+    tenants = _tenants(top.require("tenants"))
+    keys = _keys(top.require("keys"), tenants)
+    return Policy(version, mode, request, redis, pools, tenants, keys, source=source)
+
+
+def _request(node: Node | None) -> RequestRules:
+    if node is None:
+        return RequestRules()
+    m = _map_node(node, "request", _REQUEST_KEYS)
+    defaults = RequestRules()
+    rules = RequestRules(
+        max_body_bytes=_optional_int(m, "max_body_bytes") or defaults.max_body_bytes,
+        default_max_tokens=_optional_int(m, "default_max_tokens") or defaults.default_max_tokens,
+        max_tokens_cap=_optional_int(m, "max_tokens_cap") or defaults.max_tokens_cap,
+    )
+    if rules.default_max_tokens > rules.max_tokens_cap:
+        raise _Invalid(
+            m.get("default_max_tokens") or m.get("max_tokens_cap") or node,
+            f"request.default_max_tokens ({rules.default_max_tokens}) exceeds "
+            f"request.max_tokens_cap ({rules.max_tokens_cap})",
+        )
+    return rules
+
+
+def _redis(node: Node | None) -> RedisRules:
+    if node is None:
+        return RedisRules()
+    m = _map_node(node, "redis", _REDIS_KEYS)
+    defaults = RedisRules()
+    return RedisRules(
+        deadline_ms=_optional_int(m, "deadline_ms") or defaults.deadline_ms,
+        on_failure=_optional_enum(m, "on_failure", FailureMode, defaults.on_failure),
+    )
+
+
+def _limits(node: Node | None, where: str) -> Limits:
+    if node is None:
+        return Limits()
+    m = _map_node(node, where, _LIMIT_KEYS)
+    defaults = Limits()
+    return Limits(
+        tokens_per_minute=_optional_int(m, "tokens_per_minute"),
+        requests_per_minute=_optional_int(m, "requests_per_minute"),
+        requests_per_hour=_optional_int(m, "requests_per_hour"),
+        quota_tokens=_optional_int(m, "quota_tokens"),
+        quota_requests=_optional_int(m, "quota_requests"),
+        quota_period=_optional_enum(m, "quota_period", Period, defaults.quota_period),
+        action=_optional_enum(m, "action", Action, defaults.action),
+    )
+
+
+def _pools(node: Node) -> tuple[Pool, ...]:
+    if not isinstance(node, SequenceNode):
+        raise _Invalid(node, f"pools must be a list, got {_kind(node)}")
+    if not node.value:
+        raise _Invalid(node, "pools must list at least one pool")
+    pools: list[Pool] = []
+    seen: dict[str, int] = {}
+    for index, item in enumerate(node.value):
+        m = _map_node(item, f"pools[{index}]", _POOL_KEYS)
+        name_node = m.require("name")
+        name = _name(name_node, m.sub("name"))
+        if name in seen:
+            raise _Invalid(name_node, f"duplicate pool name '{name}' (first at line {seen[name]})")
+        seen[name] = _line(name_node)
+        pools.append(Pool(name=name, tokens_per_minute=_optional_int(m, "tokens_per_minute")))
+    _check_overflow_last(node, pools)
+    return tuple(pools)
+
+
+def _check_overflow_last(node: SequenceNode, pools: list[Pool]) -> None:
+    """A pool without a ceiling always has room, so any pool after it could never serve."""
+    for index, pool in enumerate(pools[:-1]):
+        if pool.tokens_per_minute is None:
+            later = ", ".join(p.name for p in pools[index + 1 :])
+            raise _Invalid(
+                node.value[index],
+                f"pool '{pool.name}' has no tokens_per_minute ceiling, so the pools after it "
+                f"({later}) could never serve; put the overflow pool last",
+            )
+
+
+def _tenants(node: Node) -> dict[str, Tenant]:
+    m = _map_node(node, "tenants", None)
+    return {name: _tenant(name, f.value, f"tenants.{name}") for name, f in m.fields.items()}
+
+
+def _tenant(name: str, node: Node, where: str) -> Tenant:
+    m = _body(node, where, _TENANT_KEYS)
+    projects_node = m.get("projects")
+    projects: dict[str, Project] = {}
+    if projects_node is not None:
+        pm = _map_node(projects_node, f"{where}.projects", None)
+        projects = {p: _project(p, f.value, f"{pm.where}.{p}") for p, f in pm.fields.items()}
+    return Tenant(name=name, limits=_limits(m.get("limits"), m.sub("limits")), projects=projects)
+
+
+def _project(name: str, node: Node, where: str) -> Project:
+    m = _body(node, where, _PROJECT_KEYS)
+    teams_node = m.get("teams")
+    teams: dict[str, Team] = {}
+    if teams_node is not None:
+        tm = _map_node(teams_node, f"{where}.teams", None)
+        teams = {t: _team(t, f.value, f"{tm.where}.{t}") for t, f in tm.fields.items()}
+    return Project(name=name, limits=_limits(m.get("limits"), m.sub("limits")), teams=teams)
+
+
+def _team(name: str, node: Node, where: str) -> Team:
+    m = _body(node, where, _TEAM_KEYS)
+    return Team(name=name, limits=_limits(m.get("limits"), m.sub("limits")))
+
+
+def _body(node: Node, where: str, allowed: Iterable[str]) -> _Map:
+    """A tenant/project/team body: a mapping, or empty (`name:` or `name: {}`)."""
+    if isinstance(node, ScalarNode) and node.tag == _TAG_NULL:
+        return _Map(node, where, {})
+    return _map_node(node, where, allowed)
+
+
+# -- API keys ---------------------------------------------------------------------------
+
+
+def _keys(node: Node, tenants: Mapping[str, Tenant]) -> dict[str, ApiKey]:
+    if not isinstance(node, SequenceNode):
+        raise _Invalid(node, f"keys must be a list, got {_kind(node)}")
+    by_sha: dict[str, ApiKey] = {}
+    sha_lines: dict[str, int] = {}
+    id_lines: dict[str, int] = {}
+    for index, item in enumerate(node.value):
+        m = _map_node(item, f"keys[{index}]", _APIKEY_KEYS)
+        id_node = m.require("id")
+        key = _api_key(m, _name(id_node, m.sub("id")), tenants)
+        if key.key_id in id_lines:
+            raise _Invalid(id_node, f"duplicate key id '{key.key_id}' (first at line {id_lines[key.key_id]})")
+        if key.sha256 in by_sha:
+            raise _Invalid(
+                m.require("sha256"),
+                f"key '{key.key_id}': duplicate sha256, already used by key "
+                f"'{by_sha[key.sha256].key_id}' at line {sha_lines[key.sha256]}",
+            )
+        id_lines[key.key_id] = _line(id_node)
+        sha_lines[key.sha256] = _line(m.require("sha256"))
+        by_sha[key.sha256] = key
+    return by_sha
+
+
+def _api_key(m: _Map, key_id: str, tenants: Mapping[str, Tenant]) -> ApiKey:
+    tenant_node, project_node, team_node = m.require("tenant"), m.require("project"), m.get("team")
+    tenant = _name(tenant_node, m.sub("tenant"))
+    project = _name(project_node, m.sub("project"))
+    team = _name(team_node, m.sub("team")) if team_node is not None else None
+    known_tenant = tenants.get(tenant)
+    if known_tenant is None:
+        raise _Invalid(tenant_node, f"key '{key_id}': unknown tenant '{tenant}' (not under tenants)")
+    known_project = known_tenant.projects.get(project)
+    if known_project is None:
+        raise _Invalid(project_node, f"key '{key_id}': tenant '{tenant}' has no project '{project}'")
+    if team is not None and team_node is not None and team not in known_project.teams:
+        raise _Invalid(team_node, f"key '{key_id}': project '{tenant}.{project}' has no team '{team}'")
+    return ApiKey(
+        key_id=key_id,
+        sha256=_sha256(m.require("sha256"), key_id),
+        tenant=tenant,
+        project=project,
+        team=team,
+        limits=_limits(m.get("limits"), m.sub("limits")),
+    )
+
+
+def _sha256(node: Node, key_id: str) -> str:
+    """The digest text. Never echo the value: a raw key pasted here must not reach a log."""
+    hint = "hash the raw key with `tokenmeter hash-key`"
+    if not isinstance(node, ScalarNode):
+        raise _Invalid(node, f"key '{key_id}': sha256 must be a string, got {_kind(node)}; {hint}")
+    text = str(node.value)
+    if _SHA256.fullmatch(text):
+        return text
+    if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise _Invalid(node, f"key '{key_id}': sha256 must be lowercase hex")
+    raise _Invalid(
+        node,
+        f"key '{key_id}': sha256 must be 64 lowercase hex characters (got {len(text)} characters); {hint}",
+    )

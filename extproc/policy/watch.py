@@ -1,0 +1,153 @@
+"""Hot reload: keep the current policy, poll its file, swap in good edits, keep the last good on bad ones."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from extproc.policy.loader import PolicyError, parse_policy, read_policy_text
+from extproc.policy.model import Policy
+
+logger = logging.getLogger("tokenmeter.policy")
+
+Listener = Callable[[Policy], None]
+
+
+@dataclass(frozen=True)
+class _Stamp:
+    """What a cheap stat says about the file; a different stamp means "read it again"."""
+
+    device: int
+    inode: int
+    mtime_ns: int
+    size: int
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    stamp: _Stamp | None
+    digest: str
+    policy: Policy
+
+
+@dataclass(frozen=True)
+class _Failed:
+    stamp: _Stamp | None
+    digest: str  # of the bad text, so the same bad file is reported once
+    error: PolicyError
+
+
+@dataclass(frozen=True)
+class _Unchanged:
+    stamp: _Stamp | None
+
+
+_Outcome = _Loaded | _Failed | _Unchanged
+
+
+class PolicyStore:
+    """Holds the current policy of one file and reloads it when the file changes.
+
+    Use from one thread (the event loop's): `run()` does the file I/O and parsing in a
+    worker thread, but swaps the policy and calls listeners on the caller's thread.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self._path = Path(path)
+        self._listeners: list[Listener] = []
+        self.last_error: PolicyError | None = None
+        self.reload_failures: int = 0
+        # stat before reading: a write that lands after the read still changes the stamp
+        self._stamp = _stat(self._path)
+        text = read_policy_text(self._path)
+        self._digest = _digest(text)
+        self._current = parse_policy(text, str(self._path))
+
+    @property
+    def current(self) -> Policy:
+        return self._current
+
+    @property
+    def path(self) -> Path:
+        return self._path
+
+    def add_listener(self, callback: Listener) -> None:
+        """Call `callback(policy)` after each successful reload (not for the first load)."""
+        self._listeners.append(callback)
+
+    def reload_now(self) -> bool:
+        """Check the file once, synchronously. True if a new policy was loaded."""
+        return self._apply(self._check())
+
+    async def run(self, interval: float = 1.0) -> None:
+        """Poll the file every `interval` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                outcome = await asyncio.to_thread(self._check)
+                self._apply(outcome)
+            except Exception:
+                logger.exception("policy watch of %s failed; will retry", self._path)
+
+    # -- checking (blocking; safe to run in a worker thread) ------------------------------
+
+    def _check(self) -> _Outcome:
+        stamp = _stat(self._path)
+        if stamp == self._stamp:
+            return _Unchanged(stamp)
+        try:
+            text = read_policy_text(self._path)
+        except PolicyError as error:
+            return _Failed(stamp, f"unreadable:{error.reason}", error)
+        digest = _digest(text)
+        if digest == self._digest:
+            return _Unchanged(stamp)
+        try:
+            return _Loaded(stamp, digest, parse_policy(text, str(self._path)))
+        except PolicyError as error:
+            return _Failed(stamp, digest, error)
+
+    # -- applying (on the caller's thread) ------------------------------------------------
+
+    def _apply(self, outcome: _Outcome) -> bool:
+        self._stamp = outcome.stamp
+        if isinstance(outcome, _Unchanged) or outcome.digest == self._digest:
+            return False
+        self._digest = outcome.digest
+        if isinstance(outcome, _Failed):
+            self._fail(outcome.error)
+            return False
+        self._current = outcome.policy
+        self.last_error = None
+        logger.info("policy reloaded from %s: version %s", self._path, outcome.policy.version)
+        self._notify(outcome.policy)
+        return True
+
+    def _fail(self, error: PolicyError) -> None:
+        self.last_error = error
+        self.reload_failures += 1
+        logger.error("policy reload failed, keeping version %s: %s", self._current.version, error)
+
+    def _notify(self, policy: Policy) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(policy)
+            except Exception:
+                logger.exception("policy listener %r failed", listener)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _stat(path: Path) -> _Stamp | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _Stamp(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)

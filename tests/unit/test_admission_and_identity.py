@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+from extproc.limiter.types import Decision, WindowStatus
+from extproc.policy.model import (
+    Action,
+    ApiKey,
+    Limits,
+    Mode,
+    Policy,
+    Pool,
+    Project,
+    RedisRules,
+    RequestRules,
+    Team,
+    Tenant,
+)
+from extproc.policy.keys import hash_key
+from extproc.service.admission import reservation_tokens, scope_path
+from extproc.service.identity import identify, presented_key
+from extproc.service.ratelimit_headers import go_duration, ratelimit_headers, retry_after
+
+
+def _policy(mode: Mode = Mode.ENFORCE) -> Policy:
+    key = ApiKey(
+        key_id="web",
+        sha256=hash_key("secret-1"),
+        tenant="acme",
+        project="chat",
+        team="support",
+        limits=Limits(tokens_per_minute=100),
+    )
+    tenant = Tenant(
+        "acme",
+        Limits(tokens_per_minute=1000, action=Action.ALERT),
+        {"chat": Project("chat", Limits(), {"support": Team("support", Limits(requests_per_minute=5))})},
+    )
+    return Policy(
+        version="t1",
+        mode=mode,
+        request=RequestRules(max_body_bytes=1000, default_max_tokens=50, max_tokens_cap=200),
+        redis=RedisRules(),
+        pools=(Pool("h100", 10), Pool("cheap")),
+        tenants={"acme": tenant},
+        keys_by_sha256={key.sha256: key},
+    )
+
+
+def test_bearer_and_x_api_key_are_both_accepted() -> None:
+    assert presented_key({"authorization": "Bearer  abc "}) == "abc"
+    assert presented_key({"authorization": "bearer abc"}) == "abc"
+    assert presented_key({"x-api-key": "k"}) == "k"
+    assert presented_key({"authorization": "Basic abc"}) is None
+    assert presented_key({"authorization": "Bearer "}) is None
+    assert presented_key({}) is None
+
+
+def test_keys_are_identified_by_hash_only() -> None:
+    policy = _policy()
+    assert identify({"authorization": "Bearer secret-1"}, policy) is not None
+    assert identify({"authorization": "Bearer secret-2"}, policy) is None
+    assert identify({"authorization": f"Bearer {hash_key('secret-1')}"}, policy) is None
+
+
+def test_scope_path_charges_every_level_with_limits_and_skips_empty_ones() -> None:
+    path = scope_path(next(iter(_policy().keys_by_sha256.values())), _policy())
+    names = [s.scope for s in path.scopes]
+    assert names == ["tenant:acme", "team:acme/chat/support", "key:web"]
+    tenant = path.scopes[0]
+    assert tenant.enforce is False  # action alert
+    assert all(s.enforce for s in path.scopes[1:])
+
+
+def test_shadow_mode_enforces_nothing() -> None:
+    policy = _policy(Mode.SHADOW)
+    path = scope_path(next(iter(policy.keys_by_sha256.values())), policy)
+    assert not any(s.enforce for s in path.scopes)
+
+
+def test_reservation_is_prompt_plus_bounded_output() -> None:
+    policy = _policy()
+    assert reservation_tokens(10, None, policy) == 60  # default 50
+    assert reservation_tokens(10, 20, policy) == 30
+    assert reservation_tokens(10, 100_000, policy) == 210  # cap 200
+
+
+def test_ratelimit_headers_follow_openai_names_and_durations() -> None:
+    d = Decision(
+        allowed=False,
+        retry_after_seconds=1.2,
+        tokens=WindowStatus(limit=100, remaining=-5, reset_seconds=90.0),
+        requests=WindowStatus(limit=5, remaining=4, reset_seconds=0.25),
+    )
+    headers = dict(ratelimit_headers(d))
+    assert headers["x-ratelimit-limit-tokens"] == "100"
+    assert headers["x-ratelimit-remaining-tokens"] == "0"
+    assert headers["x-ratelimit-reset-tokens"] == "1m30s"
+    assert headers["x-ratelimit-reset-requests"] == "250ms"
+    assert retry_after(d) == "2"
+    assert go_duration(0) == "0s"
