@@ -139,7 +139,8 @@ class Stack:
         )
         path = envoy_config.write(config, self.run_dir / "envoy.yaml")
         argv = commands.envoy_argv(config=str(path), concurrency=self.opts.envoy_concurrency)
-        self._spawn("envoy", [*argv, "--use-dynamic-base-id"])
+        # flush the access log file often (Envoy default: 10 s) so tests and the demo can read it
+        self._spawn("envoy", [*argv, "--use-dynamic-base-id", "--file-flush-interval-msec", "100"])
         self._wait_http(f"http://127.0.0.1:{self.admin_port}/ready", "envoy")
 
     def close(self) -> None:
