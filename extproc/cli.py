@@ -7,7 +7,9 @@ import getpass
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+from extproc.demo import DEMO_DIR
 from extproc.policy import PolicyError, hash_key, load_policy
 
 
@@ -36,7 +38,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from extproc.demo import run_demo
 
-    return run_demo(keep=args.keep)
+    return run_demo(Path(args.run_dir))
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -88,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="run Envoy + processor + Redis + fake model pools and send traffic")
-    d.add_argument("--keep", action="store_true", help="keep the run directory with logs")
+    d.add_argument("--run-dir", default=str(DEMO_DIR), help="where logs and usage records go")
     d.set_defaults(func=_demo)
 
     r = sub.add_parser("report", help="summarize a usage log per tenant and key")

@@ -9,18 +9,22 @@ what happened per tenant and key.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import signal
 import sys
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 
 import aiohttp
 
-from extproc.devstack.stack import Stack, StackOptions
+from extproc.devstack.stack import REPO_ROOT, Stack, StackOptions
 from extproc.records.report import format_table, summarize
 from extproc.records.sink import read_records
+
+DEMO_DIR = REPO_ROOT / "var" / "demo"
 
 # Demo secrets. The policy file holds only their SHA-256 digests.
 DEMO_KEYS = {
@@ -40,15 +44,20 @@ class Call:
 
 
 def traffic() -> list[Call]:
+    """Interleaved calls of every key, so the keys compete for the h100 pool as real tenants do."""
+    web = [Call("acme-chatbot-web", stream=i % 2 == 0, max_tokens=300) for i in range(24)]
+    batch = [Call("acme-batch", stream=i % 4 == 0, max_tokens=400) for i in range(16)]
+    search = [
+        Call("globex-search", stream=i % 2 == 1, max_tokens=200, api="anthropic" if i % 3 == 0 else "openai")
+        for i in range(10)
+    ]
+    unknown = [Call("unknown", stream=False, max_tokens=50)] * 3
+    queues = [web, batch, search, unknown]
     calls: list[Call] = []
-    for i in range(24):
-        calls.append(Call("acme-chatbot-web", stream=i % 2 == 0, max_tokens=300))
-    for i in range(16):
-        calls.append(Call("acme-batch", stream=i % 4 == 0, max_tokens=400))
-    for i in range(10):
-        api = "anthropic" if i % 3 == 0 else "openai"
-        calls.append(Call("globex-search", stream=i % 2 == 1, max_tokens=200, api=api))
-    calls += [Call("unknown", stream=False, max_tokens=50)] * 3
+    while any(queues):
+        for q in queues:
+            if q:
+                calls.append(q.pop(0))
     return calls
 
 
@@ -84,9 +93,10 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-def run_demo(keep: bool = False) -> int:
+def run_demo(run_dir: Path = DEMO_DIR) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
-    stack = Stack(StackOptions())
+    shutil.rmtree(run_dir, ignore_errors=True)
+    stack = Stack(StackOptions(run_dir=run_dir))
     try:
         with stack:
             print(f"Envoy on {stack.base_url}  (run dir {stack.run_dir})", flush=True)
@@ -97,12 +107,14 @@ def run_demo(keep: bool = False) -> int:
         print()
         print(format_table(summarize(read_records(stack.usage_log))))
         print()
-        print(f"Usage records: {stack.usage_log}   Envoy access log: {stack.access_log}")
+        print("Envoy's access log, last admitted request (attribution and tokens from the processor):")
+        admitted = [e for e in stack.access_log_entries() if e.get("decision") == "admitted"]
+        if admitted:
+            print("  " + json.dumps(admitted[-1], sort_keys=True))
+        print()
+        print(f"Usage records: {stack.usage_log}")
+        print(f"Logs of every process: {stack.run_dir}   (tokenmeter report {stack.usage_log})")
         return 0
     except KeyboardInterrupt:
         print("interrupted; every process stopped", file=sys.stderr)
         return 130
-    finally:
-        if not keep:
-            print("(run dir removed; use --keep to keep logs)")
-            shutil.rmtree(stack.run_dir, ignore_errors=True)

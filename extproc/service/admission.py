@@ -51,9 +51,11 @@ def pool_ceilings(policy: Policy) -> tuple[PoolCeiling, ...]:
     return tuple(PoolCeiling(p.name, p.tokens_per_minute) for p in policy.pools)
 
 
-def reservation_tokens(prompt_estimate: int, max_output_tokens: int | None, policy: Policy) -> int:
+def reservation_tokens(
+    prompt_estimate: int, max_output_tokens: int | None, policy: Policy, choices: int = 1
+) -> int:
     """Prompt estimate plus the most the response may add: the request's own bound, else the
-    policy default, never above the policy cap."""
+    policy default, never above the policy cap, for each of the `n` choices asked for."""
     rules = policy.request
     output = rules.default_max_tokens if max_output_tokens is None else max_output_tokens
-    return prompt_estimate + min(output, rules.max_tokens_cap)
+    return prompt_estimate + min(output, rules.max_tokens_cap) * max(1, choices)

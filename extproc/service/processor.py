@@ -233,7 +233,9 @@ class StreamProcessor:
             return self._bad_request(exc)
         s.info = info
         s.record.model, s.record.stream = info.model, info.stream
-        tokens = reservation_tokens(info.prompt_tokens_estimate, info.max_output_tokens, s.policy)
+        tokens = reservation_tokens(
+            info.prompt_tokens_estimate, info.max_output_tokens, s.policy, info.n
+        )
         decision = await self._reserve(tokens)
         refusal = self._refusal_for(decision)
         if refusal is not None:

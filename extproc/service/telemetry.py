@@ -31,7 +31,7 @@ class Telemetry:
         )
 
     def decision(self, key: ApiKey, decision: Decision) -> None:
-        attrs = {
+        attrs: dict[str, str | bool] = {
             "tenant": key.tenant,
             "project": key.project,
             "key_id": key.key_id,

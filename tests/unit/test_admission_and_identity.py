@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from extproc.limiter.types import Decision, WindowStatus
+from extproc.policy.keys import hash_key
 from extproc.policy.model import (
     Action,
     ApiKey,
@@ -14,7 +15,6 @@ from extproc.policy.model import (
     Team,
     Tenant,
 )
-from extproc.policy.keys import hash_key
 from extproc.service.admission import reservation_tokens, scope_path
 from extproc.service.identity import identify, presented_key
 from extproc.service.ratelimit_headers import go_duration, ratelimit_headers, retry_after
@@ -81,6 +81,7 @@ def test_reservation_is_prompt_plus_bounded_output() -> None:
     assert reservation_tokens(10, None, policy) == 60  # default 50
     assert reservation_tokens(10, 20, policy) == 30
     assert reservation_tokens(10, 100_000, policy) == 210  # cap 200
+    assert reservation_tokens(10, 20, policy, choices=3) == 70  # n=3 choices
 
 
 def test_ratelimit_headers_follow_openai_names_and_durations() -> None:
