@@ -109,7 +109,8 @@ class Stack:
             self._wait_http(f"http://127.0.0.1:{port}/healthz", f"model-{pool}")
 
     def start_processor(self) -> None:
-        self.processor_port = free_port()
+        """Start (or restart, on the same port Envoy points at) the processor."""
+        self.processor_port = self.processor_port or free_port()
         argv = commands.processor_argv(
             policy=str(self.opts.policy),
             listen=f"127.0.0.1:{self.processor_port}",

@@ -26,6 +26,8 @@ Test hooks (request headers)
   ``error.type``). Nothing is counted.
 * ``x-fake-cut-after: N`` (streaming only; ignored otherwise): close the connection abruptly after N
   token events, before the finish/usage events. Nothing is counted (``cut_streams`` is bumped).
+* ``x-fake-chunk-delay-ms: N`` (streaming only): sleep N ms before each token event, overriding
+  the server's ``--chunk-delay-ms`` for this request (slow streams for drain and memory tests).
 
 Every response carries ``x-fake-pool``, ``x-fake-seen-headers`` (sorted, comma-separated, lowercased
 names of the request's ``x-tokenmeter-*`` headers) and ``x-fake-seen-tenant`` (the request's
@@ -339,7 +341,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
         return _sse_data({**base, "choices": [choice]})
 
-    delay = state.chunk_delay_s
+    delay = _chunk_delay(request, state)
     try:
         await resp.write(chunk({"role": "assistant", "content": ""}))
         for i in range(n):
@@ -391,7 +393,7 @@ async def _messages(request: web.Request) -> web.StreamResponse:
 
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     await resp.prepare(request)
-    delay = state.chunk_delay_s
+    delay = _chunk_delay(request, state)
     try:
         await resp.write(
             _sse_event(
@@ -450,6 +452,16 @@ async def _messages(request: web.Request) -> web.StreamResponse:
     except ConnectionError:
         pass
     return resp
+
+
+def _chunk_delay(request: web.Request, state: _State) -> float:
+    raw = request.headers.get("x-fake-chunk-delay-ms")
+    if raw is None:
+        return state.chunk_delay_s
+    try:
+        return max(0.0, float(raw) / 1000.0)
+    except ValueError:
+        return state.chunk_delay_s
 
 
 async def _stats(request: web.Request) -> web.Response:

@@ -1,0 +1,131 @@
+"""Processor lifecycle through real Envoy: graceful SIGTERM, health, live policy edits, cut streams."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc.devstack.stack import Stack, StackOptions
+from tests.e2e.client import Reply, chat
+from tests.e2e.conftest import E2E_POLICY
+
+BASIC = "e2e-basic-key"
+
+
+@pytest.fixture
+def own_stack(tmp_path: Path) -> Iterator[Stack]:
+    policy = tmp_path / "policy.yaml"
+    shutil.copy(E2E_POLICY, policy)
+    with Stack(StackOptions(policy=policy, run_dir=tmp_path / "run")) as s:
+        yield s
+
+
+def _records(stack: Stack) -> list[dict[str, object]]:
+    if not stack.usage_log.exists():
+        return []
+    return [json.loads(line) for line in stack.usage_log.read_text().splitlines() if line.strip()]
+
+
+def _wait_record(stack: Stack, request_id: str, timeout: float = 5.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rec in _records(stack):
+            if rec["request_id"] == request_id:
+                return rec
+        time.sleep(0.05)
+    raise AssertionError(f"no usage record for {request_id}")
+
+
+def test_health_service_reports_serving(own_stack: Stack) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{own_stack.processor_port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_sigterm_lets_an_open_stream_finish_and_flushes_its_record(own_stack: Stack) -> None:
+    result: list[Reply] = []
+    slow = threading.Thread(
+        target=lambda: result.append(
+            chat(own_stack.base_url, BASIC, stream=True, max_tokens=20,
+                 extra_headers={"x-fake-chunk-delay-ms": "50"})
+        )
+    )
+    slow.start()
+    time.sleep(0.3)  # the stream is open and mid-way (20 chunks x 50 ms)
+    proc = own_stack.proc("processor")
+    proc.popen.send_signal(signal.SIGTERM)
+    slow.join(timeout=15)
+    assert proc.popen.wait(timeout=15) == 0
+    assert result and result[0].status == 200
+    usage = [c["usage"] for c in result[0].sse_data() if c.get("usage")]
+    assert usage and usage[-1]["completion_tokens"] == 20
+    rec = _wait_record(own_stack, result[0].headers["x-tokenmeter-request-id"])
+    assert rec["completion_tokens"] == 20 and rec["usage_source"] == "reported"
+
+
+def test_new_requests_fail_closed_while_the_processor_is_down(own_stack: Stack) -> None:
+    own_stack.stop_processor()
+    reply = chat(own_stack.base_url, BASIC)
+    assert reply.status >= 500  # never forwarded ungoverned
+    own_stack.start_processor()
+    deadline = time.monotonic() + 10
+    while chat(own_stack.base_url, BASIC).status != 200:
+        assert time.monotonic() < deadline
+
+
+def test_policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy(own_stack: Stack) -> None:
+    policy = Path(own_stack.opts.policy)
+    assert chat(own_stack.base_url, BASIC).headers["x-ratelimit-limit-tokens"] == "1000000"
+    policy.write_text(policy.read_text().replace("tokens_per_minute: 1000000, requests_per_minute: 100000",
+                                                 "tokens_per_minute: 777777, requests_per_minute: 100000"))
+    deadline = time.monotonic() + 10
+    while chat(own_stack.base_url, BASIC).headers["x-ratelimit-limit-tokens"] != "777777":
+        assert time.monotonic() < deadline, "policy edit not picked up"
+        time.sleep(0.2)
+    good = policy.read_text()
+    policy.write_text(good.replace("  mode: enforce", "  mode: enforce").replace("version:", "versoin:", 1))
+    time.sleep(2.5)  # several reload intervals
+    reply = chat(own_stack.base_url, BASIC)
+    assert reply.status == 200
+    assert reply.headers["x-ratelimit-limit-tokens"] == "777777"
+    log = own_stack.proc("processor").log_tail(50)
+    assert f"{policy}:" in log and "versoin" in log
+
+
+def test_stream_cut_before_usage_stays_charged_at_the_estimate(own_stack: Stack) -> None:
+    try:
+        chat(own_stack.base_url, BASIC, stream=True, max_tokens=40, extra_headers={"x-fake-cut-after": "3"})
+    except Exception:
+        pass
+    deadline = time.monotonic() + 5
+    while True:
+        recs = [r for r in _records(own_stack) if str(r["decision"]).endswith("_incomplete")]
+        if recs or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert recs, _records(own_stack)
+    rec = recs[0]
+    assert rec["usage_source"] == "estimated"
+    assert rec["prompt_tokens"] + rec["completion_tokens"] == rec["reserved_tokens"]  # type: ignore[operator]
+
+
+def test_settlement_refunds_what_the_model_did_not_use(own_stack: Stack) -> None:
+    first = chat(own_stack.base_url, BASIC, max_tokens=None)  # reserves the default 64, the fake answers 16
+    rec1 = _wait_record(own_stack, first.headers["x-tokenmeter-request-id"])
+    assert rec1["completion_tokens"] == 16 and rec1["reserved_tokens"] > rec1["prompt_tokens"] + 16  # type: ignore[operator]
+    time.sleep(0.2)  # settlement is applied off the request path
+    second = chat(own_stack.base_url, BASIC, max_tokens=None)
+    rec2 = _wait_record(own_stack, second.headers["x-tokenmeter-request-id"])
+    used_before = 1_000_000 - int(second.headers["x-ratelimit-remaining-tokens"]) - int(rec2["reserved_tokens"])  # type: ignore[call-overload]
+    assert used_before == rec1["prompt_tokens"] + rec1["completion_tokens"]  # type: ignore[operator]
