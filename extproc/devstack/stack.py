@@ -64,6 +64,7 @@ class StackOptions:
     processor_extra: tuple[str, ...] = ()
     run_dir: Path | None = None
     envoy_concurrency: int = 1
+    processor_uds: bool = False  # Envoy reaches the processor over a Unix domain socket
 
 
 @dataclass
@@ -113,13 +114,16 @@ class Stack:
         self.processor_port = self.processor_port or free_port()
         argv = commands.processor_argv(
             policy=str(self.opts.policy),
-            listen=f"127.0.0.1:{self.processor_port}",
+            listen=f"unix:{self.processor_socket}" if self.opts.processor_uds else f"127.0.0.1:{self.processor_port}",
             redis=self.redis.url if self.redis else None,
             usage_log=str(self.usage_log),
             extra=self.opts.processor_extra,
         )
         self._spawn("processor", argv)
-        self._wait_port(self.processor_port, "processor")
+        if self.opts.processor_uds:
+            self._wait_path(self.processor_socket, "processor")
+        else:
+            self._wait_port(self.processor_port, "processor")
 
     def stop_processor(self) -> None:
         for p in [p for p in self.procs if p.name == "processor"]:
@@ -132,7 +136,11 @@ class Stack:
             listen_port=self.envoy_port,
             admin_port=self.admin_port,
             clusters={
-                "tokenmeter_processor": [Endpoint("127.0.0.1", self.processor_port)],
+                "tokenmeter_processor": [
+                    Endpoint(uds=str(self.processor_socket))
+                    if self.opts.processor_uds
+                    else Endpoint("127.0.0.1", self.processor_port)
+                ],
                 "h100_pool": [Endpoint("127.0.0.1", self.pool_ports["h100"])],
                 "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
             },
@@ -161,6 +169,10 @@ class Stack:
     @property
     def access_log(self) -> Path:
         return self.run_dir / "access.jsonl"
+
+    @property
+    def processor_socket(self) -> Path:
+        return self.run_dir / "processor.sock"
 
     @property
     def base_url(self) -> str:
@@ -208,6 +220,16 @@ class Stack:
             except TimeoutError:
                 if time.monotonic() > deadline:
                     self._fail(name, f"port {port} not open after {timeout}s")
+
+    def _wait_path(self, path: Path, name: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        proc = self.proc(name)
+        while not path.exists():
+            if not proc.alive():
+                self._fail(name, f"exited with {proc.popen.returncode}")
+            if time.monotonic() > deadline:
+                self._fail(name, f"{path} not created after {timeout}s")
+            time.sleep(0.02)
 
     def _wait_http(self, url: str, name: str, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -33,7 +33,7 @@ from extproc.metering.usage import Usage
 from extproc.policy.model import Action, ApiKey, Policy
 from extproc.records.record import UsageRecord
 from extproc.service import responses as R
-from extproc.service.admission import pool_ceilings, reservation_tokens, scope_path
+from extproc.service.admission import ScopePath, pool_ceilings, reservation_tokens, scope_path
 from extproc.service.errors import error_body
 from extproc.service.identity import identify
 from extproc.service.metadata import (
@@ -122,7 +122,7 @@ class _State:
     status: int | None = None
     settled: bool = False
     record: UsageRecord | None = None
-    actions: dict[str, Action] = field(default_factory=dict)
+    scopes: ScopePath | None = None
 
 
 class StreamProcessor:
@@ -169,8 +169,7 @@ class StreamProcessor:
         s.key = key
         s.record.tenant, s.record.project = key.tenant, key.project
         s.record.team, s.record.key_id = key.team, key.key_id
-        path = scope_path(key, s.policy)
-        s.actions = path.actions
+        s.scopes = scope_path(key, s.policy)
         attribution = [
             (H_TENANT, key.tenant),
             (H_PROJECT, key.project),
@@ -252,13 +251,12 @@ class StreamProcessor:
 
     async def _reserve(self, tokens: int) -> Decision:
         s = self.s
-        assert s.key is not None and s.record is not None
-        path = scope_path(s.key, s.policy)
+        assert s.key is not None and s.record is not None and s.scopes is not None
         decision = await self.ctx.limiter.reserve(
             Reservation(
                 request_id=s.request_id,
                 tenant=s.key.tenant,
-                scopes=path.scopes,
+                scopes=s.scopes.scopes,
                 tokens=tokens,
                 pools=pool_ceilings(s.policy),
             )
@@ -294,7 +292,8 @@ class StreamProcessor:
                 decision="refused_backend",
                 headers=[("retry-after", retry_after(decision))],
             )
-        action = s.actions.get(decision.denied_scope or "", Action.THROTTLE)
+        actions = s.scopes.actions if s.scopes else {}
+        action = actions.get(decision.denied_scope or "", Action.THROTTLE)
         what = _denial_text(decision)
         if action is Action.BLOCK:
             return self._refuse(

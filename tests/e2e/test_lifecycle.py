@@ -129,3 +129,13 @@ def test_settlement_refunds_what_the_model_did_not_use(own_stack: Stack) -> None
     rec2 = _wait_record(own_stack, second.headers["x-tokenmeter-request-id"])
     used_before = 1_000_000 - int(second.headers["x-ratelimit-remaining-tokens"]) - int(rec2["reserved_tokens"])  # type: ignore[call-overload]
     assert used_before == rec1["prompt_tokens"] + rec1["completion_tokens"]  # type: ignore[operator]
+
+
+def test_envoy_reaches_the_processor_over_a_unix_socket(tmp_path: Path) -> None:
+    with Stack(StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "uds", processor_uds=True)) as s:
+        assert s.processor_socket.exists()
+        reply = chat(s.base_url, BASIC, stream=True, max_tokens=7)
+        assert reply.status == 200
+        rec = _wait_record(s, reply.headers["x-tokenmeter-request-id"])
+        assert rec["completion_tokens"] == 7
+        assert chat(s.base_url, "nope").status == 401

@@ -1,0 +1,515 @@
+"""The shared limiter: one Lua script per admission on Redis, settlements queued off the request path.
+
+Admission path (``reserve``):
+  * one EVALSHA of ``reserve.lua`` (SCRIPT LOAD on first use / on NOSCRIPT, then one retry);
+  * redis-py with retries disabled and socket timeouts = the deadline; the whole call is wrapped in
+    ``asyncio.timeout(deadline_ms)``, so a hung Redis costs one deadline, not redis-py's ~4 s of retries;
+  * a circuit breaker opens after ``breaker_threshold`` consecutive failures and sends one probe after
+    ``breaker_cooldown_s``; while it is open nothing waits on Redis at all;
+  * on failure: ``fail_open`` decides with a per-replica ``InMemoryLimiter`` (every limit divided by
+    ``replicas_hint``, rounded up) and returns ``degraded=True``; ``fail_closed`` refuses with
+    ``denied_kind="backend"``.
+
+Settlement path (``settle``): an in-process bounded queue drained by one background task that pipelines
+``settle.lua`` calls in batches on its own connection pool. On failure the batch stays at the head of the
+queue and is retried with exponential backoff, so nothing is lost while the process lives (drops are
+counted only if the bound is hit). Settling is idempotent, so a batch that reached Redis before a
+timeout may safely be sent again.
+
+Scope encoding: flat ARGV (8 strings per scope, 2 per pool) and declared KEYS (5 per scope, 2 per pool),
+cached per (tenant, scope): no JSON on the admission path; cjson is used only inside the scripts for the
+reservation record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any, Literal
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from extproc.limiter.memory import InMemoryLimiter
+from extproc.limiter.types import (
+    KIND_BACKEND,
+    REQUESTS_HOUR_WINDOW_S,
+    REQUESTS_MINUTE_WINDOW_S,
+    RESERVATION_MIN_TTL_S,
+    TOKENS_WINDOW_S,
+    Decision,
+    DuplicateReservation,
+    PoolCeiling,
+    Reservation,
+    ScopeLimit,
+    WindowStatus,
+)
+
+log = logging.getLogger(__name__)
+
+FailureMode = Literal["fail_open", "fail_closed"]
+
+_BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
+
+class _Script:
+    """A Lua script run by EVALSHA; loaded with SCRIPT LOAD when the server does not know it."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.source = resources.files("extproc.limiter").joinpath(name).read_bytes()
+        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest()
+
+
+RESERVE = _Script("reserve.lua")
+SETTLE = _Script("settle.lua")
+
+
+def tenant_tag(tenant: str) -> str:
+    """Every key of one tenant's decision shares this prefix (and so one Redis Cluster hash slot)."""
+    return f"tm:{{t:{tenant}}}"
+
+
+def reservation_key(tenant: str, request_id: str) -> str:
+    return f"{tenant_tag(tenant)}:res:{request_id}"
+
+
+def scope_keys(tenant: str, scope: str) -> tuple[str, str, str, str, str]:
+    """(tpm zset, tpm running total, rpm zset, rph zset, quota hash) of one scope."""
+    w = f"{tenant_tag(tenant)}:w:{scope}:"
+    return w + "tpm", w + "tpm:sum", w + "rpm", w + "rph", f"{tenant_tag(tenant)}:q:{scope}"
+
+
+def pool_keys(pool: str) -> tuple[str, str]:
+    """(tpm zset, tpm running total) of a pool: global keys, not tied to a tenant."""
+    return f"tm:{{pool:{pool}}}:tpm", f"tm:{{pool:{pool}}}:tpm:sum"
+
+
+async def _command(client: Redis, *args: Any) -> Any:
+    """``execute_command`` (untyped in redis-py) in one typed place."""
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _opt(v: int | None) -> str:
+    return "" if v is None else str(int(v))
+
+
+def _period_code(period: str) -> str:
+    if period == "month":
+        return "m"
+    if period == "day":
+        return "d"
+    raise ValueError(f"quota_period must be 'day' or 'month', not {period!r}")
+
+
+class CircuitBreaker:
+    """Closed -> open after ``threshold`` consecutive failures -> one probe after ``cooldown`` seconds.
+
+    A probe that neither succeeds nor fails (its caller was cancelled) is given up after another
+    cooldown, so the breaker cannot stay stuck half-open.
+    """
+
+    def __init__(
+        self, threshold: int = 3, cooldown: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self._failures = 0
+        self._open_until = 0.0
+        self._probe_since: float | None = None
+        self.opened = 0  # times it opened (a counter for telemetry)
+
+    @property
+    def state(self) -> str:
+        if self._failures < self.threshold:
+            return "closed"
+        return "half_open" if self._probe_since is not None else "open"
+
+    def allow(self) -> bool:
+        if self._failures < self.threshold:
+            return True
+        now = self._clock()
+        if now < self._open_until:
+            return False
+        if self._probe_since is not None and now - self._probe_since < self.cooldown:
+            return False
+        self._probe_since = now
+        return True
+
+    def success(self) -> None:
+        if self._failures >= self.threshold:
+            log.warning("redis limiter: circuit closed, Redis answers again")
+        self._failures = 0
+        self._probe_since = None
+
+    def failure(self) -> None:
+        self._failures += 1
+        self._probe_since = None
+        if self._failures >= self.threshold:
+            if self._failures == self.threshold:
+                self.opened += 1
+                log.warning("redis limiter: circuit open after %d consecutive failures", self._failures)
+            self._open_until = self._clock() + self.cooldown
+
+
+class RedisLimiter:
+    """The ``Limiter`` on a shared Redis (standalone). Build it with :meth:`from_url`."""
+
+    def __init__(
+        self,
+        admission: Redis,
+        background: Redis,
+        *,
+        deadline_ms: float = 50,
+        on_failure: str = "fail_open",
+        replicas_hint: int = 1,
+        window_scale: float = 1.0,
+        breaker_threshold: int = 3,
+        breaker_cooldown_s: float = 1.0,
+        settle_queue_max: int = 100_000,
+        settle_batch: int = 256,
+        settle_timeout_s: float = 2.0,
+        flush_timeout_s: float = 10.0,
+    ) -> None:
+        if on_failure not in ("fail_open", "fail_closed"):
+            raise ValueError(f"on_failure must be 'fail_open' or 'fail_closed', not {on_failure!r}")
+        if replicas_hint < 1:
+            raise ValueError("replicas_hint must be >= 1")
+        if window_scale <= 0:
+            raise ValueError("window_scale must be > 0")
+        self._adm = admission
+        self._bg = background
+        self._deadline_s = deadline_ms / 1000.0
+        self.on_failure: str = on_failure
+        self.replicas_hint = replicas_hint
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
+        self.local = InMemoryLimiter(limit_divisor=replicas_hint, window_scale=window_scale)
+        w_tpm = max(1, round(TOKENS_WINDOW_S * 1000 * window_scale))
+        w_rpm = max(1, round(REQUESTS_MINUTE_WINDOW_S * 1000 * window_scale))
+        w_rph = max(1, round(REQUESTS_HOUR_WINDOW_S * 1000 * window_scale))
+        self._header_args = (str(w_tpm), str(w_rpm), str(w_rph), str(round(RESERVATION_MIN_TTL_S * 1000)))
+        self._scope_cache: dict[tuple[str, ScopeLimit], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._pool_cache: dict[PoolCeiling, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+        # counters
+        self.fail_open_decisions = 0
+        self.fail_closed_decisions = 0
+        self.round_trips = 0  # admission round trips (EVALSHA, SCRIPT LOAD)
+        self.backend_errors = 0  # admission calls that failed or missed the deadline
+        self.settled = 0  # settlements delivered to Redis (found or not)
+        self.settle_dropped = 0  # refused because the queue was full
+        self.settle_errors = 0  # rejected by Redis with a script/data error (not retried)
+        self.settle_retries = 0  # failed batch attempts (retried later)
+
+        self._queue: deque[tuple[str, str, int]] = deque()
+        self._queue_max = settle_queue_max
+        self._batch = settle_batch
+        self._settle_timeout_s = settle_timeout_s
+        self._flush_timeout_s = flush_timeout_s
+        self._wake = asyncio.Event()
+        self._retry_now = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._worker: asyncio.Task[None] | None = None
+        self._maybe_on_redis: dict[tuple[str, str], None] = {}  # degraded by a timeout: settle on both
+        self._closed = False
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        deadline_ms: float = 50,
+        on_failure: str = "fail_open",
+        replicas_hint: int = 1,
+        **kw: Any,
+    ) -> RedisLimiter:
+        """``redis://host:port/db`` (or ``rediss://``, ``unix://``). No I/O happens here."""
+        deadline_s = deadline_ms / 1000.0
+        common: dict[str, Any] = {
+            "retry": Retry(NoBackoff(), 0),  # redis-py's default retries turn a hung Redis into 4 s stalls
+            "decode_responses": False,
+            "driver_info": None,  # no CLIENT SETINFO round trips on connect
+        }
+        admission = Redis.from_url(
+            url, socket_timeout=deadline_s, socket_connect_timeout=deadline_s, **common
+        )
+        settle_timeout = max(1.0, deadline_s)
+        background = Redis.from_url(
+            url, socket_timeout=settle_timeout, socket_connect_timeout=settle_timeout, **common
+        )
+        return cls(
+            admission,
+            background,
+            deadline_ms=deadline_ms,
+            on_failure=on_failure,
+            replicas_hint=replicas_hint,
+            **kw,
+        )
+
+    # -- scripts -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """SCRIPT LOAD both scripts now (optional: the first call loads them on NOSCRIPT anyway)."""
+        for script in (RESERVE, SETTLE):
+            await _command(self._adm, "SCRIPT LOAD", script.source)
+
+    async def _evalsha(
+        self, client: Redis, script: _Script, keys: Sequence[str], args: Sequence[str | int], count: bool
+    ) -> Any:
+        try:
+            if count:
+                self.round_trips += 1
+            return await _command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            if count:
+                self.round_trips += 2
+            await _command(client, "SCRIPT LOAD", script.source)
+            return await _command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+    # -- admission ---------------------------------------------------------------------------------
+
+    def _scope_parts(self, tenant: str, s: ScopeLimit) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        ck = (tenant, s)
+        parts = self._scope_cache.get(ck)
+        if parts is None:
+            args = (
+                s.scope,
+                "1" if s.enforce else "0",
+                _opt(s.tokens_per_minute),
+                _opt(s.requests_per_minute),
+                _opt(s.requests_per_hour),
+                _opt(s.quota_tokens),
+                _opt(s.quota_requests),
+                _period_code(s.quota_period),
+            )
+            if len(self._scope_cache) >= 65536:
+                self._scope_cache.clear()
+            parts = self._scope_cache[ck] = (scope_keys(tenant, s.scope), args)
+        return parts
+
+    def _pool_parts(self, p: PoolCeiling) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        parts = self._pool_cache.get(p)
+        if parts is None:
+            if len(self._pool_cache) >= 4096:
+                self._pool_cache.clear()
+            parts = self._pool_cache[p] = (pool_keys(p.name), (p.name, _opt(p.tokens_per_minute)))
+        return parts
+
+    def encode(self, r: Reservation) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of reserve.lua for a reservation (see the script's header)."""
+        if not r.request_id:
+            raise ValueError("request_id must not be empty")
+        keys = [reservation_key(r.tenant, r.request_id)]
+        args = [r.request_id, str(max(0, int(r.tokens))), *self._header_args]
+        args += (str(len(r.scopes)), str(len(r.pools)))
+        for s in r.scopes:
+            k, a = self._scope_parts(r.tenant, s)
+            keys += k
+            args += a
+        for p in r.pools:
+            k, a = self._pool_parts(p)
+            keys += k
+            args += a
+        return keys, args
+
+    async def reserve(self, r: Reservation) -> Decision:
+        keys, args = self.encode(r)
+        if not self.breaker.allow():
+            return self._degraded(r)
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                raw = await self._evalsha(self._adm, RESERVE, keys, args, True)
+        except _BACKEND_ERRORS as exc:
+            self.backend_errors += 1
+            self.breaker.failure()
+            log.debug("redis limiter: admission failed (%r); deciding %s", exc, self.on_failure)
+            decision = self._degraded(r)
+            if decision.allowed and isinstance(exc, TimeoutError | RedisTimeoutError):
+                # The script may still run (a hung server resumes and executes what it was sent): the
+                # settlement must go to Redis as well as to the local limiter.
+                self._maybe_on_redis[(r.tenant, r.request_id)] = None
+                if len(self._maybe_on_redis) > self._queue_max:
+                    del self._maybe_on_redis[next(iter(self._maybe_on_redis))]
+            return decision
+        self.breaker.success()
+        return decode_decision(raw, r.request_id)
+
+    def _degraded(self, r: Reservation) -> Decision:
+        if self.on_failure == "fail_closed":
+            self.fail_closed_decisions += 1
+            return Decision(allowed=False, retry_after_seconds=1.0, denied_kind=KIND_BACKEND, degraded=True)
+        self.fail_open_decisions += 1
+        return dataclasses.replace(self.local.reserve_sync(r), degraded=True)
+
+    # -- settlement --------------------------------------------------------------------------------
+
+    @property
+    def settle_queue_depth(self) -> int:
+        return len(self._queue)
+
+    def settle(self, tenant: str, request_id: str, actual_tokens: int) -> None:
+        """Enqueue; the background task applies it. Needs a running event loop."""
+        # a reservation decided while degraded lives in the local limiter: settle it there at once, and
+        # only there unless its admission timed out (then Redis may hold it too)
+        if self.local.settle_sync(tenant, request_id, actual_tokens):
+            if (tenant, request_id) not in self._maybe_on_redis:
+                return
+            del self._maybe_on_redis[(tenant, request_id)]
+        if len(self._queue) >= self._queue_max:
+            self.settle_dropped += 1
+            if self.settle_dropped == 1 or self.settle_dropped % 10_000 == 0:
+                log.error("redis limiter: settlement queue full (%d); %d dropped", self._queue_max,
+                          self.settle_dropped)
+            return
+        self._queue.append((tenant, request_id, max(0, int(actual_tokens))))
+        self._drained.clear()
+        self._wake.set()
+        self._ensure_worker()
+
+    async def settle_now(self, tenant: str, request_id: str, actual_tokens: int) -> bool:
+        """Apply at once; True if a reservation was found and settled (locally or on Redis)."""
+        local = self.local.settle_sync(tenant, request_id, actual_tokens)
+        found = await self._evalsha(
+            self._bg, SETTLE, [reservation_key(tenant, request_id)], [max(0, int(actual_tokens)), "s"], False
+        )
+        return bool(found) or local
+
+    async def cancel_now(self, tenant: str, request_id: str) -> bool:
+        """Undo a reservation entirely, as if it had never been admitted."""
+        local = self.local.cancel_sync(tenant, request_id)
+        found = await self._evalsha(self._bg, SETTLE, [reservation_key(tenant, request_id)], [0, "c"], False)
+        return bool(found) or local
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None or self._worker.done():
+            if self._closed:
+                return
+            self._worker = asyncio.get_running_loop().create_task(self._settle_loop(), name="limiter-settle")
+
+    async def _settle_loop(self) -> None:
+        backoff_min, backoff_max = 0.05, 2.0
+        backoff = backoff_min
+        failing = False
+        while True:
+            if not self._queue:
+                self._drained.set()
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(itertools.islice(self._queue, self._batch))
+            try:
+                async with asyncio.timeout(self._settle_timeout_s):
+                    await self._apply_batch(batch)
+            except _BACKEND_ERRORS as exc:
+                self.settle_retries += 1
+                if not failing:
+                    log.warning(
+                        "redis limiter: settlements held (%d queued), retrying: %r", len(self._queue), exc
+                    )
+                failing = True
+                self._retry_now.clear()
+                try:
+                    async with asyncio.timeout(backoff):
+                        await self._retry_now.wait()
+                except TimeoutError:
+                    pass
+                backoff = min(backoff * 2, backoff_max)
+                continue
+            for _ in batch:
+                self._queue.popleft()
+            self.settled += len(batch)
+            if failing:
+                log.warning("redis limiter: settlements flowing again (%d queued)", len(self._queue))
+            failing = False
+            backoff = backoff_min
+
+    async def _apply_batch(self, batch: list[tuple[str, str, int]]) -> None:
+        pending = list(batch)
+        for attempt in range(2):
+            pipe = self._bg.pipeline(transaction=False)
+            for tenant, rid, actual in pending:
+                pipe.execute_command("EVALSHA", SETTLE.sha, 1, reservation_key(tenant, rid), actual, "s")
+            results = await pipe.execute(raise_on_error=False)
+            again = []
+            for item, result in zip(pending, results, strict=True):
+                if isinstance(result, NoScriptError) and attempt == 0:
+                    again.append(item)
+                elif isinstance(result, ResponseError):
+                    self.settle_errors += 1
+                    log.error("redis limiter: settlement of %s/%s rejected: %s", item[0], item[1], result)
+                elif isinstance(result, BaseException):
+                    raise result
+            if not again:
+                return
+            await _command(self._bg, "SCRIPT LOAD", SETTLE.source)
+            pending = again
+
+    async def flush(self) -> None:
+        """Wait until every queued settlement reached Redis (at most ``flush_timeout_s``)."""
+        if not self._queue:
+            return
+        self._ensure_worker()
+        self._retry_now.set()
+        try:
+            async with asyncio.timeout(self._flush_timeout_s):
+                while self._queue:
+                    await self._drained.wait()
+        except TimeoutError:
+            log.warning("redis limiter: flush gave up after %.1fs with %d settlements queued",
+                        self._flush_timeout_s, len(self._queue))
+
+    async def aclose(self) -> None:
+        await self.flush()
+        self._closed = True
+        if self._queue:
+            log.error("redis limiter: closing with %d settlements not applied", len(self._queue))
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except asyncio.CancelledError:
+                pass
+            self._worker = None
+        await self._adm.aclose()
+        await self._bg.aclose()
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def decode_decision(raw: Sequence[Any], request_id: str) -> Decision:
+    """reserve.lua's reply -> Decision."""
+    status = int(raw[0])
+    if status == 2:
+        raise DuplicateReservation(f"request id {request_id!r} already has a live reservation")
+    tokens = None
+    if int(raw[5]) >= 0:
+        tokens = WindowStatus(limit=int(raw[5]), remaining=int(raw[6]), reset_seconds=int(raw[7]) / 1000.0)
+    requests = None
+    if int(raw[8]) >= 0:
+        requests = WindowStatus(limit=int(raw[8]), remaining=int(raw[9]), reset_seconds=int(raw[10]) / 1000.0)
+    return Decision(
+        allowed=status == 1,
+        pool=_text(raw[1]) or None,
+        retry_after_seconds=int(raw[2]) / 1000.0,
+        denied_scope=_text(raw[3]) or None,
+        denied_kind=_text(raw[4]) or None,
+        tokens=tokens,
+        requests=requests,
+        alerts=tuple(_text(a) for a in raw[11:]),
+    )
