@@ -1,0 +1,78 @@
+"""Redis stopped or hung under live traffic through Envoy: the policy's fail_open / fail_closed answer."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from extproc.devstack.stack import Stack, StackOptions
+from tests.e2e.client import chat
+from tests.e2e.conftest import E2E_POLICY
+
+BASIC = "e2e-basic-key"
+
+
+def _stack(tmp_path: Path, on_failure: str) -> Stack:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(E2E_POLICY.read_text().replace("on_failure: fail_open", f"on_failure: {on_failure}"))
+    return Stack(StackOptions(policy=policy, run_dir=tmp_path / "run"))
+
+
+@pytest.fixture
+def fail_open(tmp_path: Path) -> Iterator[Stack]:
+    with _stack(tmp_path, "fail_open") as s:
+        yield s
+
+
+@pytest.fixture
+def fail_closed(tmp_path: Path) -> Iterator[Stack]:
+    with _stack(tmp_path, "fail_closed") as s:
+        yield s
+
+
+def _decisions(stack: Stack) -> list[str]:
+    time.sleep(0.3)
+    return [json.loads(line)["decision"] for line in stack.usage_log.read_text().splitlines()]
+
+
+def test_hung_redis_fails_open_within_the_deadline_and_is_recorded_as_degraded(fail_open: Stack) -> None:
+    assert chat(fail_open.base_url, BASIC).status == 200
+    assert fail_open.redis is not None
+    fail_open.redis.pause()  # SIGSTOP: connections stay open, nothing answers
+    try:
+        started = time.monotonic()
+        replies = [chat(fail_open.base_url, BASIC, max_tokens=5) for _ in range(5)]
+        elapsed = time.monotonic() - started
+    finally:
+        fail_open.redis.resume()
+    assert [r.status for r in replies] == [200] * 5
+    assert elapsed < 5 * 0.5, f"admission waited on a hung Redis: {elapsed:.2f}s for 5 requests"
+    assert "admitted_degraded" in _decisions(fail_open)
+
+
+def test_stopped_redis_fails_open_and_recovers_when_it_returns(fail_open: Stack) -> None:
+    assert fail_open.redis is not None
+    fail_open.redis.stop()
+    assert chat(fail_open.base_url, BASIC).status == 200
+    fail_open.redis.restart()
+    deadline = time.monotonic() + 10
+    while True:
+        reply = chat(fail_open.base_url, BASIC)
+        assert reply.status == 200
+        if _decisions(fail_open)[-1] == "admitted":
+            break
+        assert time.monotonic() < deadline, "never went back to the shared limiter"
+
+
+def test_fail_closed_policy_answers_503_while_redis_is_down(fail_closed: Stack) -> None:
+    assert fail_closed.redis is not None
+    assert chat(fail_closed.base_url, BASIC).status == 200
+    fail_closed.redis.stop()
+    reply = chat(fail_closed.base_url, BASIC)
+    assert reply.status == 503
+    assert reply.json()["error"]["code"] == "quota_service_unavailable"
+    assert int(reply.headers["retry-after"]) >= 1
