@@ -30,6 +30,7 @@ def _serve(args: argparse.Namespace) -> int:
         usage_log=args.usage_log,
         grace_seconds=args.grace,
         replicas_hint=args.replicas_hint,
+        metrics_port=args.metrics_port,
     )
     uvloop.run(serve(opts))
     return 0
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--usage-log", default="var/usage.jsonl", help="JSON Lines file of usage records")
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM")
     s.add_argument("--replicas-hint", type=int, default=1, help="replicas sharing limits (fail-open split)")
+    s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on 127.0.0.1:PORT")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="run Envoy + processor + Redis + fake model pools and send traffic")

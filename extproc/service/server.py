@@ -21,6 +21,7 @@ from extproc.limiter import limiter_from_url
 from extproc.policy import PolicyStore
 from extproc.records.sink import JsonlSink
 from extproc.service.processor import Context, StreamProcessor
+from extproc.service.telemetry import Telemetry
 
 log = logging.getLogger("tokenmeter.server")
 
@@ -56,6 +57,19 @@ class ServeOptions:
     metrics_port: int | None = None
 
 
+def _telemetry(metrics_port: int | None) -> Telemetry:
+    """OTel instruments; with a metrics port, exported for Prometheus on 127.0.0.1:<port>/metrics."""
+    if metrics_port is None:
+        return Telemetry()
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from prometheus_client import start_http_server
+
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader()])
+    start_http_server(metrics_port, addr="127.0.0.1")  # its own thread, off the event loop
+    return Telemetry(provider.get_meter("tokenmeter"))
+
+
 async def serve(opts: ServeOptions) -> None:
     store = PolicyStore(opts.policy)  # refuses to start on a malformed policy (PolicyError)
     policy = store.current
@@ -67,7 +81,7 @@ async def serve(opts: ServeOptions) -> None:
     )
     sink = JsonlSink(opts.usage_log)
     sink.start()
-    ctx = Context(store, limiter, sink)
+    ctx = Context(store, limiter, sink, _telemetry(opts.metrics_port))
 
     server = grpc.aio.server(
         options=[

@@ -139,3 +139,22 @@ def test_envoy_reaches_the_processor_over_a_unix_socket(tmp_path: Path) -> None:
         rec = _wait_record(s, reply.headers["x-tokenmeter-request-id"])
         assert rec["completion_tokens"] == 7
         assert chat(s.base_url, "nope").status == 401
+
+
+def test_metrics_endpoint_exports_decisions_and_token_usage(tmp_path: Path) -> None:
+    from extproc.devstack.ports import free_port
+    from tests.e2e.client import request
+
+    port = free_port()
+    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "m", processor_extra=("--metrics-port", str(port)))
+    with Stack(opts) as s:
+        assert chat(s.base_url, BASIC, max_tokens=11).status == 200
+        assert chat(s.base_url, "nope").status == 401
+        time.sleep(0.2)
+        text = request(f"http://127.0.0.1:{port}", "GET", "/metrics").body.decode()
+    assert 'tokenmeter_decisions_total{' in text
+    usage = [line for line in text.splitlines()
+             if line.startswith("gen_ai_client_token_usage") and 'gen_ai_token_type="output"' in line]
+    assert usage and float(usage[0].rsplit(" ", 1)[1]) == 11.0
+    assert 'reason="refused"' in text
+    assert "e2e-basic-key" not in text
