@@ -16,9 +16,18 @@ queue and is retried with exponential backoff, so nothing is lost while the proc
 counted only if the bound is hit). Settling is idempotent, so a batch that reached Redis before a
 timeout may safely be sent again.
 
-Scope encoding: flat ARGV (8 strings per scope, 2 per pool) and declared KEYS (5 per scope, 2 per pool),
-cached per (tenant, scope): no JSON on the admission path; cjson is used only inside the scripts for the
-reservation record.
+Redis Cluster (``redis+cluster://host:port``): every key of a tenant's decision carries the hash tag
+``{t:<tenant>}``, so the tenant's scopes are one EVALSHA on the tenant's shard. Pools are global keys
+(``{pool:<name>}``) on other shards: after the tenant call admits, the pools are tried in preference order,
+one EVALSHA each on the pool's shard (usually one: the first pool has room); if none has room the tenant
+reservation is cancelled (a third call) and the request is denied with "pool". Between the calls another
+request may see the tenant's or a pool's transient reservation: the race can only under-admit, never
+over-admit. The pool's reservation has its own record on its shard; the tenant's record names the
+candidate pools, so settlement (from any process) settles the tenant's record and then the candidates'
+records in a second pipelined call (the pools not chosen have no record: no-ops).
+
+Scope encoding: flat ARGV (8 strings per scope, 2 per pool) and declared KEYS (3 per scope, 1 per pool),
+cached per (tenant, scope): no JSON to build or decode on either side.
 """
 
 from __future__ import annotations
@@ -32,9 +41,10 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from importlib import resources
-from typing import Any, Literal
+from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
@@ -43,6 +53,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from extproc.limiter.memory import InMemoryLimiter
 from extproc.limiter.types import (
     KIND_BACKEND,
+    KIND_POOL,
+    KIND_TOO_LARGE,
+    POOL_SCOPE,
     REQUESTS_HOUR_WINDOW_S,
     REQUESTS_MINUTE_WINDOW_S,
     RESERVATION_MIN_TTL_S,
@@ -57,9 +70,13 @@ from extproc.limiter.types import (
 
 log = logging.getLogger(__name__)
 
-FailureMode = Literal["fail_open", "fail_closed"]
+Client = Redis | RedisCluster
+CLUSTER_SCHEME = "redis+cluster://"
 
 _BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+
+# tokens/min and requests/min share one window (one ZSET per scope), so their lengths must match
+assert TOKENS_WINDOW_S == REQUESTS_MINUTE_WINDOW_S
 
 
 class _Script:
@@ -77,6 +94,9 @@ RESERVE = _Script("reserve.lua")
 SETTLE = _Script("settle.lua")
 
 
+# -- key layout (see README.md) --------------------------------------------------------------------
+
+
 def tenant_tag(tenant: str) -> str:
     """Every key of one tenant's decision shares this prefix (and so one Redis Cluster hash slot)."""
     return f"tm:{{t:{tenant}}}"
@@ -86,20 +106,44 @@ def reservation_key(tenant: str, request_id: str) -> str:
     return f"{tenant_tag(tenant)}:res:{request_id}"
 
 
-def scope_keys(tenant: str, scope: str) -> tuple[str, str, str, str, str]:
-    """(tpm zset, tpm running total, rpm zset, rph zset, quota hash) of one scope."""
+def scope_keys(tenant: str, scope: str) -> tuple[str, str, str]:
+    """(minute window zset: tokens/min and requests/min, hour window zset: requests/hour, quota hash)."""
     w = f"{tenant_tag(tenant)}:w:{scope}:"
-    return w + "tpm", w + "tpm:sum", w + "rpm", w + "rph", f"{tenant_tag(tenant)}:q:{scope}"
+    return w + "1m", w + "1h", f"{tenant_tag(tenant)}:q:{scope}"
 
 
-def pool_keys(pool: str) -> tuple[str, str]:
-    """(tpm zset, tpm running total) of a pool: global keys, not tied to a tenant."""
-    return f"tm:{{pool:{pool}}}:tpm", f"tm:{{pool:{pool}}}:tpm:sum"
+def pool_key(pool: str) -> str:
+    """A pool's minute window: a global key, not tied to a tenant."""
+    return f"tm:{{pool:{pool}}}:1m"
 
 
-async def _command(client: Redis, *args: Any) -> Any:
+def pool_reservation_key(pool: str, tenant: str, request_id: str) -> str:
+    """Cluster mode: the record of a pool reservation, on the pool's shard."""
+    return f"tm:{{pool:{pool}}}:res:{tenant}:{request_id}"
+
+
+# -- clients ------------------------------------------------------------------------------------------
+
+
+def redis_client(url: str, *, timeout_s: float, **kw: Any) -> Client:
+    """A redis-py asyncio client without retries (``redis://``, ``rediss://``, ``unix://`` or
+    ``redis+cluster://host:port``). Hiredis parses replies when installed."""
+    common: dict[str, Any] = {
+        "retry": Retry(NoBackoff(), 0),  # redis-py's default retries turn a hung Redis into 4 s stalls
+        "decode_responses": False,
+        "driver_info": None,  # no CLIENT SETINFO round trips on connect
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        **kw,
+    }
+    if url.startswith(CLUSTER_SCHEME):
+        return RedisCluster.from_url("redis://" + url.removeprefix(CLUSTER_SCHEME), **common)
+    return Redis.from_url(url, **common)
+
+
+async def _command(client: Client, *args: Any) -> Any:
     """``execute_command`` (untyped in redis-py) in one typed place."""
-    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+    return await client.execute_command(*args)
 
 
 def _opt(v: int | None) -> str:
@@ -165,13 +209,20 @@ class CircuitBreaker:
             self._open_until = self._clock() + self.cooldown
 
 
+# (tenant, request id, actual tokens, "s" settle | "c" cancel)
+_Settlement = tuple[str, str, int, str]
+
+
 class RedisLimiter:
-    """The ``Limiter`` on a shared Redis (standalone). Build it with :meth:`from_url`."""
+    """The ``Limiter`` on a shared Redis (standalone or cluster). Build it with :meth:`from_url`.
+
+    ``window_scale`` multiplies every window length; it exists for tests only (production: 1.0).
+    """
 
     def __init__(
         self,
-        admission: Redis,
-        background: Redis,
+        admission: Client,
+        background: Client,
         *,
         deadline_ms: float = 50,
         on_failure: str = "fail_open",
@@ -192,15 +243,17 @@ class RedisLimiter:
             raise ValueError("window_scale must be > 0")
         self._adm = admission
         self._bg = background
+        self.cluster = isinstance(admission, RedisCluster)
         self._deadline_s = deadline_ms / 1000.0
         self.on_failure: str = on_failure
         self.replicas_hint = replicas_hint
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
         self.local = InMemoryLimiter(limit_divisor=replicas_hint, window_scale=window_scale)
-        w_tpm = max(1, round(TOKENS_WINDOW_S * 1000 * window_scale))
-        w_rpm = max(1, round(REQUESTS_MINUTE_WINDOW_S * 1000 * window_scale))
-        w_rph = max(1, round(REQUESTS_HOUR_WINDOW_S * 1000 * window_scale))
-        self._header_args = (str(w_tpm), str(w_rpm), str(w_rph), str(round(RESERVATION_MIN_TTL_S * 1000)))
+        self._w_min_s = max(1, round(TOKENS_WINDOW_S * 1000 * window_scale)) / 1000.0
+        w_hour = max(1, round(REQUESTS_HOUR_WINDOW_S * 1000 * window_scale))
+        self._header_args = (
+            str(round(self._w_min_s * 1000)), str(w_hour), str(round(RESERVATION_MIN_TTL_S * 1000))
+        )
         self._scope_cache: dict[tuple[str, ScopeLimit], tuple[tuple[str, ...], tuple[str, ...]]] = {}
         self._pool_cache: dict[PoolCeiling, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
@@ -214,7 +267,7 @@ class RedisLimiter:
         self.settle_errors = 0  # rejected by Redis with a script/data error (not retried)
         self.settle_retries = 0  # failed batch attempts (retried later)
 
-        self._queue: deque[tuple[str, str, int]] = deque()
+        self._queue: deque[_Settlement] = deque()
         self._queue_max = settle_queue_max
         self._batch = settle_batch
         self._settle_timeout_s = settle_timeout_s
@@ -224,8 +277,13 @@ class RedisLimiter:
         self._drained = asyncio.Event()
         self._drained.set()
         self._worker: asyncio.Task[None] | None = None
-        self._maybe_on_redis: dict[tuple[str, str], None] = {}  # degraded by a timeout: settle on both
         self._closed = False
+        # degraded by a timeout: the script may have run anyway, so settle on Redis as well as locally
+        self._maybe_on_redis: dict[tuple[str, str], None] = {}
+        # cluster mode: redis-py's lazy topology discovery misbehaves under a burst of first calls (some
+        # fail with "connection closed"), so each client is initialized once, before its first command
+        self._ready: set[int] = set()
+        self._ready_lock = asyncio.Lock()
 
     @classmethod
     def from_url(
@@ -237,20 +295,12 @@ class RedisLimiter:
         replicas_hint: int = 1,
         **kw: Any,
     ) -> RedisLimiter:
-        """``redis://host:port/db`` (or ``rediss://``, ``unix://``). No I/O happens here."""
+        """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``redis+cluster://host:port`` for a
+        Redis Cluster (any node). No I/O happens here. Two connection pools: admission (timeouts = the
+        deadline) and settlement (timeouts >= 1 s)."""
         deadline_s = deadline_ms / 1000.0
-        common: dict[str, Any] = {
-            "retry": Retry(NoBackoff(), 0),  # redis-py's default retries turn a hung Redis into 4 s stalls
-            "decode_responses": False,
-            "driver_info": None,  # no CLIENT SETINFO round trips on connect
-        }
-        admission = Redis.from_url(
-            url, socket_timeout=deadline_s, socket_connect_timeout=deadline_s, **common
-        )
-        settle_timeout = max(1.0, deadline_s)
-        background = Redis.from_url(
-            url, socket_timeout=settle_timeout, socket_connect_timeout=settle_timeout, **common
-        )
+        admission = redis_client(url, timeout_s=deadline_s)
+        background = redis_client(url, timeout_s=max(1.0, deadline_s))
         return cls(
             admission,
             background,
@@ -263,13 +313,23 @@ class RedisLimiter:
     # -- scripts -----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """SCRIPT LOAD both scripts now (optional: the first call loads them on NOSCRIPT anyway)."""
+        """Connect and SCRIPT LOAD both scripts now (optional: the first call loads them on NOSCRIPT)."""
+        await self._initialized(self._adm)
         for script in (RESERVE, SETTLE):
             await _command(self._adm, "SCRIPT LOAD", script.source)
 
+    async def _initialized(self, client: Client) -> None:
+        if not isinstance(client, RedisCluster) or id(client) in self._ready:
+            return
+        async with self._ready_lock:
+            if id(client) not in self._ready:
+                await client.initialize()
+                self._ready.add(id(client))
+
     async def _evalsha(
-        self, client: Redis, script: _Script, keys: Sequence[str], args: Sequence[str | int], count: bool
+        self, client: Client, script: _Script, keys: Sequence[str], args: Sequence[str | int], count: bool
     ) -> Any:
+        await self._initialized(client)
         try:
             if count:
                 self.round_trips += 1
@@ -304,49 +364,91 @@ class RedisLimiter:
     def _pool_parts(self, p: PoolCeiling) -> tuple[tuple[str, ...], tuple[str, ...]]:
         parts = self._pool_cache.get(p)
         if parts is None:
+            if not p.name or "\n" in p.name:
+                raise ValueError(f"pool names must be non-empty and on one line: {p.name!r}")
             if len(self._pool_cache) >= 4096:
                 self._pool_cache.clear()
-            parts = self._pool_cache[p] = (pool_keys(p.name), (p.name, _opt(p.tokens_per_minute)))
+            parts = self._pool_cache[p] = ((pool_key(p.name),), (p.name, _opt(p.tokens_per_minute)))
         return parts
 
-    def encode(self, r: Reservation) -> tuple[list[str], list[str]]:
-        """KEYS and ARGV of reserve.lua for a reservation (see the script's header)."""
+    def encode(self, r: Reservation, *, pools: bool = True) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of reserve.lua for a reservation (see the script's header). ``pools=False``
+        (cluster mode): the pools are reserved by later calls and only named in the record."""
         if not r.request_id:
             raise ValueError("request_id must not be empty")
+        for p in r.pools:
+            self._pool_parts(p)  # validates the name (cached)
         keys = [reservation_key(r.tenant, r.request_id)]
         args = [r.request_id, str(max(0, int(r.tokens))), *self._header_args]
-        args += (str(len(r.scopes)), str(len(r.pools)))
+        later = "" if pools else "\n".join(p.name for p in r.pools if p.tokens_per_minute is not None)
+        args += (str(len(r.scopes)), str(len(r.pools) if pools else 0), later)
         for s in r.scopes:
             k, a = self._scope_parts(r.tenant, s)
             keys += k
             args += a
-        for p in r.pools:
-            k, a = self._pool_parts(p)
-            keys += k
-            args += a
+        if pools:
+            for p in r.pools:
+                k, a = self._pool_parts(p)
+                keys += k
+                args += a
         return keys, args
 
     async def reserve(self, r: Reservation) -> Decision:
-        keys, args = self.encode(r)
+        keys, args = self.encode(r, pools=not self.cluster)
         if not self.breaker.allow():
             return self._degraded(r)
+        tenant_done = False
         try:
             async with asyncio.timeout(self._deadline_s):
                 raw = await self._evalsha(self._adm, RESERVE, keys, args, True)
+                decision = decode_decision(raw, r.request_id)
+                tenant_done = True
+                if self.cluster and decision.allowed and r.pools:
+                    decision = await self._choose_pool_on_cluster(r, decision)
         except _BACKEND_ERRORS as exc:
             self.backend_errors += 1
             self.breaker.failure()
             log.debug("redis limiter: admission failed (%r); deciding %s", exc, self.on_failure)
+            # A hung server executes what it was sent once it resumes: after a timeout the script may
+            # still run, so what Redis may hold must be undone (cluster) or settled there too.
+            timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
+            if self.cluster and (tenant_done or timed_out):
+                # the tenant's shard (and maybe a pool's) reserved before a later call failed
+                self._enqueue((r.tenant, r.request_id, 0, "c"))
             decision = self._degraded(r)
-            if decision.allowed and isinstance(exc, TimeoutError | RedisTimeoutError):
-                # The script may still run (a hung server resumes and executes what it was sent): the
-                # settlement must go to Redis as well as to the local limiter.
+            if decision.allowed and timed_out and not self.cluster:
                 self._maybe_on_redis[(r.tenant, r.request_id)] = None
                 if len(self._maybe_on_redis) > self._queue_max:
                     del self._maybe_on_redis[next(iter(self._maybe_on_redis))]
             return decision
         self.breaker.success()
-        return decode_decision(raw, r.request_id)
+        return decision
+
+    async def _choose_pool_on_cluster(self, r: Reservation, admitted: Decision) -> Decision:
+        """Cluster mode, after the tenant's shard admitted: the first pool with room, one call each."""
+        cost = str(max(0, int(r.tokens)))
+        wait = -1.0
+        for p in r.pools:
+            if p.tokens_per_minute is None:
+                return dataclasses.replace(admitted, pool=p.name)
+            keys = [pool_reservation_key(p.name, r.tenant, r.request_id), pool_key(p.name)]
+            args = [r.request_id, cost, *self._header_args, "0", "1", "", p.name, str(p.tokens_per_minute)]
+            d = decode_decision(await self._evalsha(self._adm, RESERVE, keys, args, True), r.request_id)
+            if d.allowed:
+                return dataclasses.replace(admitted, pool=p.name)
+            if d.denied_kind == KIND_POOL and (wait < 0 or d.retry_after_seconds < wait):
+                wait = d.retry_after_seconds
+        # no pool has room: give the tenant's reservation back, as if it had never been made
+        await self._evalsha(self._adm, SETTLE, [reservation_key(r.tenant, r.request_id)], [0, "c"], True)
+        return Decision(
+            allowed=False,
+            retry_after_seconds=max(0.0, wait),
+            denied_scope=POOL_SCOPE,
+            denied_kind=KIND_POOL if wait >= 0 else KIND_TOO_LARGE,
+            tokens=_give_back(admitted.tokens, int(cost), self._w_min_s),
+            requests=_give_back(admitted.requests, 1, self._w_min_s),
+            alerts=admitted.alerts,
+        )
 
     def _degraded(self, r: Reservation) -> Decision:
         if self.on_failure == "fail_closed":
@@ -369,30 +471,37 @@ class RedisLimiter:
             if (tenant, request_id) not in self._maybe_on_redis:
                 return
             del self._maybe_on_redis[(tenant, request_id)]
+        self._enqueue((tenant, request_id, max(0, int(actual_tokens)), "s"))
+
+    def _enqueue(self, item: _Settlement) -> None:
         if len(self._queue) >= self._queue_max:
             self.settle_dropped += 1
             if self.settle_dropped == 1 or self.settle_dropped % 10_000 == 0:
                 log.error("redis limiter: settlement queue full (%d); %d dropped", self._queue_max,
                           self.settle_dropped)
             return
-        self._queue.append((tenant, request_id, max(0, int(actual_tokens))))
+        self._queue.append(item)
         self._drained.clear()
         self._wake.set()
         self._ensure_worker()
 
+    async def _apply_now(self, item: _Settlement) -> bool:
+        tenant, rid, actual, mode = item
+        args: list[str | int] = [actual, mode]
+        found, later = await self._evalsha(self._bg, SETTLE, [reservation_key(tenant, rid)], args, False)
+        for pool in _names(later):
+            await self._evalsha(self._bg, SETTLE, [pool_reservation_key(pool, tenant, rid)], args, False)
+        return bool(found)
+
     async def settle_now(self, tenant: str, request_id: str, actual_tokens: int) -> bool:
         """Apply at once; True if a reservation was found and settled (locally or on Redis)."""
         local = self.local.settle_sync(tenant, request_id, actual_tokens)
-        found = await self._evalsha(
-            self._bg, SETTLE, [reservation_key(tenant, request_id)], [max(0, int(actual_tokens)), "s"], False
-        )
-        return bool(found) or local
+        return await self._apply_now((tenant, request_id, max(0, int(actual_tokens)), "s")) or local
 
     async def cancel_now(self, tenant: str, request_id: str) -> bool:
         """Undo a reservation entirely, as if it had never been admitted."""
         local = self.local.cancel_sync(tenant, request_id)
-        found = await self._evalsha(self._bg, SETTLE, [reservation_key(tenant, request_id)], [0, "c"], False)
-        return bool(found) or local
+        return await self._apply_now((tenant, request_id, 0, "c")) or local
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
@@ -437,26 +546,46 @@ class RedisLimiter:
             failing = False
             backoff = backoff_min
 
-    async def _apply_batch(self, batch: list[tuple[str, str, int]]) -> None:
-        pending = list(batch)
+    async def _apply_batch(self, batch: list[_Settlement]) -> None:
+        """One pipeline of settle.lua calls on the tenants' records; in cluster mode a second one on the
+        records of the pools those name (on other shards; the pool not chosen has none: a no-op)."""
+        await self._initialized(self._bg)
+        calls = [(reservation_key(tenant, rid), actual, mode) for tenant, rid, actual, mode in batch]
+        results = await self._pipelined(calls)
+        pool_calls = [
+            (pool_reservation_key(pool, tenant, rid), actual, mode)
+            for (tenant, rid, actual, mode), result in zip(batch, results, strict=True)
+            if isinstance(result, list)
+            for pool in _names(result[1])
+        ]
+        if pool_calls:
+            await self._pipelined(pool_calls)
+
+    async def _pipelined(self, calls: list[tuple[str, int, str]]) -> list[Any]:
+        results: list[Any] = [None] * len(calls)
+        pending = list(range(len(calls)))
         for attempt in range(2):
             pipe = self._bg.pipeline(transaction=False)
-            for tenant, rid, actual in pending:
-                pipe.execute_command("EVALSHA", SETTLE.sha, 1, reservation_key(tenant, rid), actual, "s")
-            results = await pipe.execute(raise_on_error=False)
+            for i in pending:
+                key, actual, mode = calls[i]
+                pipe.execute_command("EVALSHA", SETTLE.sha, 1, key, actual, mode)
+            replies = await pipe.execute(raise_on_error=False)
             again = []
-            for item, result in zip(pending, results, strict=True):
-                if isinstance(result, NoScriptError) and attempt == 0:
-                    again.append(item)
-                elif isinstance(result, ResponseError):
+            for i, reply in zip(pending, replies, strict=True):
+                if isinstance(reply, NoScriptError) and attempt == 0:
+                    again.append(i)
+                elif isinstance(reply, ResponseError):
                     self.settle_errors += 1
-                    log.error("redis limiter: settlement of %s/%s rejected: %s", item[0], item[1], result)
-                elif isinstance(result, BaseException):
-                    raise result
+                    log.error("redis limiter: settlement of %s rejected: %s", calls[i][0], reply)
+                elif isinstance(reply, BaseException):
+                    raise reply
+                else:
+                    results[i] = reply
             if not again:
-                return
+                break
             await _command(self._bg, "SCRIPT LOAD", SETTLE.source)
             pending = again
+        return results
 
     async def flush(self) -> None:
         """Wait until every queued settlement reached Redis (at most ``flush_timeout_s``)."""
@@ -486,6 +615,19 @@ class RedisLimiter:
             self._worker = None
         await self._adm.aclose()
         await self._bg.aclose()
+
+
+def _names(raw: Any) -> list[str]:
+    """The newline-separated pool names settle.lua returns."""
+    text = _text(raw)
+    return text.split("\n") if text else []
+
+
+def _give_back(status: WindowStatus | None, amount: int, window_s: float) -> WindowStatus | None:
+    """A header status of an admission that was then undone (cluster mode, no pool had room)."""
+    if status is None:
+        return None
+    return WindowStatus(status.limit, min(status.limit, status.remaining + amount), window_s)
 
 
 def _text(v: Any) -> str:

@@ -1,7 +1,10 @@
 """Append usage records to a JSON Lines file, off the request path.
 
-Records are queued in memory and written by a background task in batches (the write and fsync run
-in a worker thread, so the event loop never blocks on disk). On shutdown the queue is drained.
+Records are queued in memory and written by a background task in batches: it collects records
+for up to `flush_interval` seconds, then appends and fsyncs them in a worker thread, so the event
+loop never blocks on disk and the thread hop and fsync happen a few times a second, not per
+request. A crash loses at most the last interval of records (the limiter state is in Redis either
+way). On shutdown the queue is drained.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ log = logging.getLogger("tokenmeter.records")
 
 
 class JsonlSink:
-    def __init__(self, path: str | Path, *, max_queue: int = 100_000) -> None:
+    def __init__(self, path: str | Path, *, max_queue: int = 100_000, flush_interval: float = 0.1) -> None:
         self.path = Path(path)
+        self.flush_interval = flush_interval
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=max_queue)
         self._task: asyncio.Task[None] | None = None
@@ -38,8 +42,9 @@ class JsonlSink:
     async def _run(self) -> None:
         while True:
             first = await self._queue.get()
+            await asyncio.sleep(self.flush_interval)  # let a batch gather
             batch = [first]
-            while not self._queue.empty() and len(batch) < 1000:
+            while not self._queue.empty() and len(batch) < 10_000:
                 batch.append(self._queue.get_nowait())
             await self._write(batch)
 

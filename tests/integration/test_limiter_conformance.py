@@ -1,4 +1,4 @@
-"""One behaviour suite for both limiter backends (in-memory and a real redis-server).
+"""One behaviour suite for every limiter backend: in-memory, a real redis-server, a real 3-node Redis Cluster.
 
 Windows are scaled down (``window_scale``) so that a token/minute window lasts WINDOW seconds: the memory
 backend travels in time on a fake clock (exact assertions), the Redis backend really waits (assertions
@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -26,7 +26,7 @@ from extproc.limiter import (
     ScopeLimit,
 )
 from extproc.limiter.memory import quota_period
-from extproc.limiter.redis_backend import pool_keys, reservation_key, scope_keys
+from extproc.limiter.redis_backend import Client, pool_key, redis_client, reservation_key, scope_keys
 
 SCALE = 1 / 64  # a power of two keeps the fake clock's arithmetic exact
 WINDOW = 60 * SCALE  # tokens/minute and requests/minute windows: 0.9375 s
@@ -46,7 +46,7 @@ class Harness:
     """A backend plus the ways a test reads its state and moves its time."""
 
     def __init__(self, name: str, limiter: InMemoryLimiter | RedisLimiter, clock: FakeClock | None,
-                 client: Redis | None) -> None:
+                 client: Client | None) -> None:
         self.name = name
         self.limiter = limiter
         self.clock = clock
@@ -82,7 +82,8 @@ class Harness:
         assert self.client is not None
         sec, usec = await self.client.time()
         now_ms = sec * 1000 + usec // 1000
-        members = await self.client.zrangebyscore(key, f"({now_ms - round(width_s * 1000)}", "+inf")
+        oldest = f"({now_ms - round(width_s * 1000)}"  # exclusive: the window is (now - W, now]
+        members = cast(list[bytes], await self.client.zrangebyscore(key, oldest, "+inf"))
         if not tokens:
             return len(members)
         return sum(int(m.split(b"|", 1)[0]) for m in members)
@@ -96,13 +97,13 @@ class Harness:
         if isinstance(self.limiter, InMemoryLimiter):
             return self.limiter.window_total(tenant, scope, kind)
         keys = scope_keys(tenant, scope)
-        key, width = (keys[2], WINDOW) if kind == "rpm" else (keys[3], HOUR_WINDOW)
+        key, width = (keys[0], WINDOW) if kind == "rpm" else (keys[1], HOUR_WINDOW)
         return await self._redis_window(key, width, tokens=False)
 
     async def pool_tokens(self, pool: str) -> int:
         if isinstance(self.limiter, InMemoryLimiter):
             return self.limiter.pool_total(pool)
-        return await self._redis_window(pool_keys(pool)[0], WINDOW, tokens=True)
+        return await self._redis_window(pool_key(pool), WINDOW, tokens=True)
 
     def assert_wait(self, actual: float, expected: float) -> None:
         """A retry-after equals the expected wait; on real time it may be smaller by the time that passed."""
@@ -119,17 +120,17 @@ class Harness:
         return wait if self.exact else wait + 0.02
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     if request.param == "memory":
         clock = FakeClock()
         yield Harness("memory", InMemoryLimiter(clock=clock, window_scale=SCALE), clock, None)
         return
-    url: str = request.getfixturevalue("redis_url")
+    url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
     limiter = RedisLimiter.from_url(url, deadline_ms=2000, window_scale=SCALE)
-    client = Redis.from_url(url)
+    client = redis_client(url, timeout_s=5.0)
     try:
-        yield Harness("redis", limiter, None, client)
+        yield Harness(request.param, limiter, None, client)
     finally:
         await limiter.aclose()
         await client.aclose()
@@ -477,22 +478,21 @@ async def test_redis_keys_share_the_tenant_hash_tag_and_expire(redis_url: str) -
                            requests_per_hour=100, quota_tokens=10_000, quota_period="day")
         d = await limiter.reserve(Reservation("r1", "acme", (scope,), 100, (PoolCeiling("h100", 5000),)))
         assert d.allowed and d.pool == "h100"
-        keys = sorted(k.decode() for k in await client.keys("*"))
+        keys = sorted(k.decode() for k in cast(list[bytes], await client.keys("*")))
         assert keys == sorted([
             "tm:{t:acme}:res:r1",
-            "tm:{t:acme}:w:key:acme-web:tpm",
-            "tm:{t:acme}:w:key:acme-web:tpm:sum",
-            "tm:{t:acme}:w:key:acme-web:rpm",
-            "tm:{t:acme}:w:key:acme-web:rph",
+            "tm:{t:acme}:w:key:acme-web:1m",
+            "tm:{t:acme}:w:key:acme-web:1h",
             "tm:{t:acme}:q:key:acme-web",
-            "tm:{pool:h100}:tpm",
-            "tm:{pool:h100}:tpm:sum",
+            "tm:{pool:h100}:1m",
         ])
-        tpm, tpm_sum, rpm, rph, quota = scope_keys("acme", "key:acme-web")
-        for key, longest in ((tpm, 61_000), (tpm_sum, 61_000), (rpm, 61_000), (rph, 3_601_000)):
+        minute, hour, quota = scope_keys("acme", "key:acme-web")
+        for key, longest in ((minute, 61_000), (pool_key("h100"), 61_000), (hour, 3_601_000)):
             assert longest - 1000 < await client.pttl(key) <= longest
         assert 0 < await client.pttl(quota) <= _until_period_end("day") * 1000 + 1000
         assert 2 * 3_600_000 - 5000 < await client.pttl(reservation_key("acme", "r1")) <= 2 * 3_600_000
+        # the minute window keeps its running total as the member "#" with score -1 - total
+        assert await client.zscore(minute, "#") == -101
         assert await limiter.settle_now("acme", "r1", 50)
         assert await client.exists(reservation_key("acme", "r1")) == 0
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from redis.asyncio import Redis
@@ -35,8 +35,8 @@ def reservation(rid: str, tokens: int, scope: ScopeLimit = SCOPE) -> Reservation
 async def tokens_in_window(url: str) -> int:
     client = Redis.from_url(url)
     try:
-        members = await client.zrange(scope_keys(TENANT, SCOPE.scope)[0], 0, -1)
-        return sum(int(m.split(b"|", 1)[0]) for m in members)
+        members = cast(list[bytes], await client.zrange(scope_keys(TENANT, SCOPE.scope)[0], 0, -1))
+        return sum(int(m.split(b"|", 1)[0]) for m in members if m != b"#")
     finally:
         await client.aclose()
 
@@ -79,7 +79,7 @@ async def test_a_stopped_redis_fails_closed_with_a_backend_denial(own_redis: Red
 
 
 async def test_a_hung_redis_costs_one_deadline_then_the_circuit_opens(own_redis: RedisProcess) -> None:
-    lim = limiter(own_redis.url, deadline_ms=50, breaker_threshold=3)
+    lim = limiter(own_redis.url, deadline_ms=150, breaker_threshold=3)
     try:
         assert not (await lim.reserve(reservation("warm", 1))).degraded
         own_redis.pause()
@@ -106,7 +106,7 @@ async def test_a_hung_redis_costs_one_deadline_then_the_circuit_opens(own_redis:
 
 
 async def test_a_probe_into_a_still_hung_redis_reopens_the_circuit(own_redis: RedisProcess) -> None:
-    lim = limiter(own_redis.url, deadline_ms=50, breaker_threshold=1)
+    lim = limiter(own_redis.url, deadline_ms=150, breaker_threshold=1)
     try:
         own_redis.pause()
         assert (await lim.reserve(reservation("a", 1))).degraded
@@ -145,7 +145,7 @@ async def test_a_settlement_made_while_redis_hangs_is_applied_after_it_resumes(
 async def test_a_reservation_that_timed_out_is_settled_on_redis_too(own_redis: RedisProcess) -> None:
     """A hung server executes what it was sent once it resumes: the fail-open reservation exists on
     Redis as well, so its settlement goes to both places (a refused connection needs no such thing)."""
-    lim = limiter(own_redis.url, deadline_ms=50)
+    lim = limiter(own_redis.url, deadline_ms=150)
     try:
         assert not (await lim.reserve(reservation("warm", 1))).degraded
         own_redis.pause()
