@@ -83,7 +83,7 @@ async def serve(opts: ServeOptions) -> None:
     if start is not None:
         try:
             await start()  # load scripts (and learn a cluster's topology) before the first request
-        except Exception as exc:  # noqa: BLE001 - Redis down at boot: serve anyway, per the failure policy
+        except Exception as exc:  # Redis down at boot: serve anyway, per the failure policy
             log.warning("redis not reachable at start (%s); admission follows on_failure=%s until it is",
                         type(exc).__name__, policy.redis.on_failure)
     sink = JsonlSink(opts.usage_log)
