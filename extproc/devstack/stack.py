@@ -65,6 +65,7 @@ class StackOptions:
     run_dir: Path | None = None
     envoy_concurrency: int = 1
     processor_uds: bool = False  # Envoy reaches the processor over a Unix domain socket
+    processors: int = 1  # processor processes behind Envoy's one processor cluster
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Stack:
     envoy_port: int = 0
     admin_port: int = 0
     processor_port: int = 0
+    processor_ports: list[int] = field(default_factory=list)
     pool_ports: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -110,23 +112,40 @@ class Stack:
             self._wait_http(f"http://127.0.0.1:{port}/healthz", f"model-{pool}")
 
     def start_processor(self) -> None:
-        """Start (or restart, on the same port Envoy points at) the processor."""
-        self.processor_port = self.processor_port or free_port()
-        argv = commands.processor_argv(
-            policy=str(self.opts.policy),
-            listen=f"unix:{self.processor_socket}" if self.opts.processor_uds else f"127.0.0.1:{self.processor_port}",
-            redis=self.redis.url if self.redis else None,
-            usage_log=str(self.usage_log),
-            extra=self.opts.processor_extra,
-        )
-        self._spawn("processor", argv)
+        """Start (or restart, on the same ports Envoy points at) the processor processes."""
+        if not self.processor_ports:
+            self.processor_ports = [free_port() for _ in range(self.opts.processors)]
+        self.processor_port = self.processor_ports[0]
+        extra = self.opts.processor_extra
+        if self.opts.processors > 1:
+            extra = (*extra, "--replicas-hint", str(self.opts.processors))
+        for i, port in enumerate(self.processor_ports):
+            name = _processor_name(i)
+            sock = self._processor_socket(i)
+            argv = commands.processor_argv(
+                policy=str(self.opts.policy),
+                listen=f"unix:{sock}" if self.opts.processor_uds else f"127.0.0.1:{port}",
+                redis=self.redis.url if self.redis else None,
+                usage_log=str(self.usage_log),
+                extra=extra,
+            )
+            self._spawn(name, argv)
+        for i, port in enumerate(self.processor_ports):
+            if self.opts.processor_uds:
+                self._wait_path(self._processor_socket(i), _processor_name(i))
+            else:
+                self._wait_port(port, _processor_name(i))
+
+    def processor_endpoints(self) -> list[Endpoint]:
         if self.opts.processor_uds:
-            self._wait_path(self.processor_socket, "processor")
-        else:
-            self._wait_port(self.processor_port, "processor")
+            return [Endpoint(uds=str(self._processor_socket(i))) for i in range(len(self.processor_ports))]
+        return [Endpoint("127.0.0.1", port) for port in self.processor_ports]
+
+    def _processor_socket(self, i: int) -> Path:
+        return self.processor_socket if i == 0 else self.run_dir / f"processor-{i + 1}.sock"
 
     def stop_processor(self) -> None:
-        for p in [p for p in self.procs if p.name == "processor"]:
+        for p in [p for p in self.procs if p.name.startswith("processor")]:
             p.stop()
             self.procs.remove(p)
 
@@ -136,11 +155,7 @@ class Stack:
             listen_port=self.envoy_port,
             admin_port=self.admin_port,
             clusters={
-                "tokenmeter_processor": [
-                    Endpoint(uds=str(self.processor_socket))
-                    if self.opts.processor_uds
-                    else Endpoint("127.0.0.1", self.processor_port)
-                ],
+                "tokenmeter_processor": self.processor_endpoints(),
                 "h100_pool": [Endpoint("127.0.0.1", self.pool_ports["h100"])],
                 "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
             },
@@ -246,6 +261,10 @@ class Stack:
             if time.monotonic() > deadline:
                 self._fail(name, f"{url} not ready after {timeout}s")
             time.sleep(0.05)
+
+
+def _processor_name(i: int) -> str:
+    return "processor" if i == 0 else f"processor-{i + 1}"
 
 
 def _resolve(argv: list[str]) -> list[str]:

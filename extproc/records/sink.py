@@ -26,6 +26,7 @@ class JsonlSink:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._queue: asyncio.Queue[UsageRecord] = asyncio.Queue(maxsize=max_queue)
         self._task: asyncio.Task[None] | None = None
+        self._gathering: list[UsageRecord] = []  # taken from the queue, not yet handed to a write
         self.written = 0
         self.dropped = 0
 
@@ -41,11 +42,11 @@ class JsonlSink:
 
     async def _run(self) -> None:
         while True:
-            first = await self._queue.get()
+            self._gathering.append(await self._queue.get())
             await asyncio.sleep(self.flush_interval)  # let a batch gather
-            batch = [first]
-            while not self._queue.empty() and len(batch) < 10_000:
-                batch.append(self._queue.get_nowait())
+            while not self._queue.empty() and len(self._gathering) < 10_000:
+                self._gathering.append(self._queue.get_nowait())
+            batch, self._gathering = self._gathering, []
             await self._write(batch)
 
     async def _write(self, batch: list[UsageRecord]) -> None:
@@ -58,10 +59,17 @@ class JsonlSink:
             self.dropped += len(batch)
 
     def _append(self, data: bytes) -> None:
-        with open(self.path, "ab") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        # One O_APPEND write per batch: several processor processes can share one file without
+        # interleaving lines (the kernel appends each write whole at the end of a regular file).
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -70,7 +78,7 @@ class JsonlSink:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        rest: list[UsageRecord] = []
+        rest, self._gathering = self._gathering, []
         while not self._queue.empty():
             rest.append(self._queue.get_nowait())
         if rest:

@@ -158,3 +158,17 @@ def test_metrics_endpoint_exports_decisions_and_token_usage(tmp_path: Path) -> N
     assert usage and float(usage[0].rsplit(" ", 1)[1]) == 11.0
     assert 'reason="refused"' in text
     assert "e2e-basic-key" not in text
+
+
+def test_several_processor_processes_share_limits_through_redis(tmp_path: Path) -> None:
+    """Two processors behind one Envoy cluster: Envoy spreads requests, Redis keeps one budget."""
+    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "two", processors=2)
+    with Stack(opts) as s:
+        assert [p.name for p in s.procs if p.name.startswith("processor")] == ["processor", "processor-2"]
+        statuses = [chat(s.base_url, "e2e-rpm-key", max_tokens=1).status for _ in range(6)]
+        assert statuses == [200, 200, 200, 429, 429, 429]  # 3 requests/minute, whichever process answers
+        rids = [chat(s.base_url, BASIC, max_tokens=2).headers["x-tokenmeter-request-id"] for _ in range(8)]
+        pids = {rid.split("-", 1)[0] for rid in rids}
+        assert len(pids) == 2, "both processes served requests"
+        for rid in rids:
+            assert _wait_record(s, rid)["completion_tokens"] == 2

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from extproc.records.record import UsageRecord
@@ -38,3 +39,13 @@ async def test_sink_writes_every_record_and_reads_back(tmp_path: Path) -> None:
     records = read_records(tmp_path / "u.jsonl")
     assert [r.request_id for r in records] == [str(i) for i in range(250)]
     assert records[0] == _rec("0", "admitted")
+
+
+async def test_closing_the_sink_mid_batch_loses_nothing(tmp_path: Path) -> None:
+    sink = JsonlSink(tmp_path / "u.jsonl", flush_interval=10.0)  # a batch is still gathering at close
+    sink.start()
+    sink.emit(_rec("a", "admitted"))
+    await asyncio.sleep(0.05)
+    sink.emit(_rec("b", "admitted"))
+    await sink.aclose()
+    assert [r.request_id for r in read_records(tmp_path / "u.jsonl")] == ["a", "b"]
