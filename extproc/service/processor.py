@@ -357,7 +357,7 @@ class StreamProcessor:
         rec.status = s.status
         rec.prompt_tokens, rec.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         rec.cached_tokens, rec.reasoning_tokens = usage.cached_tokens, usage.reasoning_tokens
-        rec.usage_source = "estimated" if usage.estimated else "reported"
+        rec.usage_source = "estimated" if usage.estimated else "reported" if usage.total_tokens else "none"
         if s.meter is not None:
             rec.response_model = s.meter.response_model
         if not complete:
@@ -373,7 +373,12 @@ class StreamProcessor:
     def _usage(self, complete: bool) -> Usage:
         s = self.s
         prompt_estimate = s.info.prompt_tokens_estimate if s.info else 0
-        if s.meter is not None and (complete or s.meter.saw_usage):
+        if s.meter is not None and s.meter.saw_usage:
+            return s.meter.finish(prompt_estimate)
+        if complete and s.status is not None and s.status >= 400:
+            # The model server refused or failed and reported no usage: nothing was served.
+            return Usage(0, 0)
+        if s.meter is not None and complete:
             return s.meter.finish(prompt_estimate)
         if not complete:
             # Cut before usage arrived: stays charged at the reservation, marked estimated.

@@ -159,3 +159,13 @@ def test_block_action_answers_403_without_retry_after(stack: Stack) -> None:
             break
     assert reply is not None and reply.status == 403
     assert "retry-after" not in reply.headers
+
+
+def test_upstream_error_without_usage_is_not_charged(stack: Stack) -> None:
+    reply = chat(stack.base_url, BASIC, max_tokens=50, extra_headers={"x-fake-status": "500"})
+    assert reply.status == 500
+    rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+    assert rec is not None
+    assert rec["status"] == 500
+    assert rec["prompt_tokens"] == rec["completion_tokens"] == 0
+    assert rec["usage_source"] == "none"

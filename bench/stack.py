@@ -1,0 +1,145 @@
+"""The benchmark's process tree: one devstack `Stack` plus a second Envoy without the processor.
+
+Both Envoys run side by side in the same run, from the same shipped file (envoy/envoy.yaml):
+
+* ``envoy`` (b, c): the shipped config rendered for loopback exactly as the demo and the e2e tests
+  run it (extproc.devstack.envoy_config.render).
+* ``envoy-alone`` (a): the same rendered config with the ext_proc filter removed from
+  ``http_filters`` and the routes replaced by one route to ``h100_pool`` (where the processor
+  sends all benchmark traffic), plus a ``/direct/`` prefix answered by Envoy itself
+  (direct_response), used only as a reference for the fake server's share of the CPU.
+  Everything else (listener, access log, HCM settings, clusters) is identical, so (a) and (b)
+  differ only by the processor.
+
+Deviations from the shipped file, applied to both: the pool clusters' circuit breakers are raised
+from 10,000 to 100,000 so that the 10,000-open-streams test is not cut by them. Both Envoys run
+with ``--concurrency 1``.
+
+The upstreams are the fake model server with send-time stamps on streamed events
+(bench/upstream.py), one per pool, with a chunk delay that `restart_upstreams` can change.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from extproc.devstack import commands, envoy_config
+from extproc.devstack.envoy_config import Endpoint
+from extproc.devstack.ports import free_port
+from extproc.devstack.redis_proc import start_redis_server
+from extproc.devstack.stack import POOLS, Proc, Stack
+
+BENCH_POOL = "h100"
+# Envoy alone also answers requests under this prefix itself (direct_response), with a body like
+# the fake server's reply: the ceiling of Envoy alone without the fake server's cost on the same CPUs.
+DIRECT_PREFIX = "/direct/"
+DIRECT_BODY = (
+    '{"id":"chatcmpl-direct","object":"chat.completion","created":0,"model":"bench-model","choices":'
+    '[{"index":0,"message":{"role":"assistant","content":"tok0 tok1 tok2 tok3 tok4 tok5 tok6 tok7 tok8 '
+    'tok9 tok10 tok11 tok12 tok13 tok14 tok15"},"logprobs":null,"finish_reason":"length"}],"usage":'
+    '{"prompt_tokens":9,"completion_tokens":16,"total_tokens":25}}'
+)
+RAISED_BREAKER = 100_000
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    listener = config["static_resources"]["listeners"][0]
+    hcm: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def raise_pool_breakers(config: dict[str, Any]) -> None:
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"].endswith("_pool"):
+            for t in cluster.get("circuit_breakers", {}).get("thresholds", []):
+                for k in ("max_connections", "max_pending_requests", "max_requests"):
+                    t[k] = RAISED_BREAKER
+
+
+def without_ext_proc(config: dict[str, Any], cluster: str = f"{BENCH_POOL}_pool") -> dict[str, Any]:
+    """Envoy alone: the rendered config minus the ext_proc filter, all routes to one cluster."""
+    out = copy.deepcopy(config)
+    hcm = _hcm(out)
+    before = len(hcm["http_filters"])
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
+    if len(hcm["http_filters"]) != before - 1:
+        raise ValueError("the shipped Envoy config has no envoy.filters.http.ext_proc filter to remove")
+    for vhost in hcm["route_config"]["virtual_hosts"]:
+        vhost["routes"] = [
+            {
+                # a reference point without any upstream: Envoy answers itself (see DIRECT_PREFIX)
+                "match": {"prefix": DIRECT_PREFIX},
+                "direct_response": {"status": 200, "body": {"inline_string": DIRECT_BODY}},
+                "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+            },
+            {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}},
+        ]
+    out["static_resources"]["clusters"] = [
+        c for c in out["static_resources"]["clusters"] if c["name"] != "tokenmeter_processor"
+    ]
+    return out
+
+
+@dataclass
+class BenchStack(Stack):
+    chunk_delay_ms: float = 5.0
+    alone_port: int = 0
+    alone_admin_port: int = 0
+    configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def start(self) -> None:
+        if self.opts.use_redis:
+            self.redis = start_redis_server()
+        for pool in POOLS:
+            self.pool_ports[pool] = free_port()
+            self._spawn_upstream(pool)
+        self.start_processor()
+        self._start_envoys()
+        for pool, port in self.pool_ports.items():
+            self._wait_http(f"http://127.0.0.1:{port}/healthz", f"model-{pool}")
+
+    def _spawn_upstream(self, pool: str) -> Proc:
+        argv = commands.fake_model_argv(pool=pool, host="127.0.0.1", port=self.pool_ports[pool])
+        argv = [a if a != "extproc.fakes.model_server" else "bench.upstream" for a in argv]
+        return self._spawn(f"model-{pool}", [*argv, "--chunk-delay-ms", str(self.chunk_delay_ms)])
+
+    def restart_upstreams(self, chunk_delay_ms: float) -> None:
+        """Restart the fake model servers on the same ports with another chunk delay."""
+        self.chunk_delay_ms = chunk_delay_ms
+        for pool in POOLS:
+            old = self.proc(f"model-{pool}")
+            old.stop()
+            self.procs.remove(old)
+            self._spawn_upstream(pool)
+        for pool, port in self.pool_ports.items():
+            self._wait_http(f"http://127.0.0.1:{port}/healthz", f"model-{pool}")
+
+    def _start_envoys(self) -> None:
+        self.envoy_port, self.admin_port = free_port(), free_port()
+        self.alone_port, self.alone_admin_port = free_port(), free_port()
+        full = envoy_config.render(
+            listen_port=self.envoy_port,
+            admin_port=self.admin_port,
+            clusters={
+                "tokenmeter_processor": self.processor_endpoints(),
+                "h100_pool": [Endpoint("127.0.0.1", self.pool_ports["h100"])],
+                "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
+            },
+            access_log_path=str(self.run_dir / "access.jsonl"),
+        )
+        raise_pool_breakers(full)
+        alone = without_ext_proc(full)
+        alone["admin"]["address"] = Endpoint("127.0.0.1", self.alone_admin_port).to_address()
+        alone_listener = alone["static_resources"]["listeners"][0]
+        alone_listener["address"] = Endpoint("127.0.0.1", self.alone_port).to_address()
+        for log in _hcm(alone).get("access_log", []):
+            if "path" in log.get("typed_config", {}):
+                log["typed_config"]["path"] = str(self.run_dir / "access-alone.jsonl")
+        self.configs = {"envoy": full, "envoy-alone": alone}
+        for name, admin in (("envoy", self.admin_port), ("envoy-alone", self.alone_admin_port)):
+            path = envoy_config.write(self.configs[name], self.run_dir / f"{name}.yaml")
+            argv = commands.envoy_argv(config=str(path), concurrency=self.opts.envoy_concurrency)
+            self._spawn(name, [*argv, "--use-dynamic-base-id"])
+            self._wait_http(f"http://127.0.0.1:{admin}/ready", name)
