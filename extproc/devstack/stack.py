@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -223,44 +224,41 @@ class Stack:
         tail = proc.log_tail() if proc else ""
         raise RuntimeError(f"{name} did not start: {why}\n--- {name} log ---\n{tail}")
 
-    def _wait_port(self, port: int, name: str, timeout: float = 20.0) -> None:
+    def _wait_until(self, ready: Callable[[], bool], name: str, what: str, timeout: float = 20.0) -> None:
+        """Poll `ready` until it is true; fail early (with the log tail) if the process exits."""
         deadline = time.monotonic() + timeout
         proc = self.proc(name)
-        while True:
-            if not proc.alive():
-                self._fail(name, f"exited with {proc.popen.returncode}")
-            try:
-                wait_for_port(port, timeout=0.2)
-                return
-            except TimeoutError:
-                if time.monotonic() > deadline:
-                    self._fail(name, f"port {port} not open after {timeout}s")
-
-    def _wait_path(self, path: Path, name: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        proc = self.proc(name)
-        while not path.exists():
+        while not ready():
             if not proc.alive():
                 self._fail(name, f"exited with {proc.popen.returncode}")
             if time.monotonic() > deadline:
-                self._fail(name, f"{path} not created after {timeout}s")
+                self._fail(name, f"{what} not ready after {timeout}s")
             time.sleep(0.02)
 
-    def _wait_http(self, url: str, name: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        proc = self.proc(name)
-        while True:
-            if not proc.alive():
-                self._fail(name, f"exited with {proc.popen.returncode}")
-            try:
-                with urllib.request.urlopen(url, timeout=0.5) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self._fail(name, f"{url} not ready after {timeout}s")
-            time.sleep(0.05)
+    def _wait_port(self, port: int, name: str) -> None:
+        self._wait_until(lambda: _port_open(port), name, f"port {port}")
+
+    def _wait_path(self, path: Path, name: str) -> None:
+        self._wait_until(path.exists, name, str(path))
+
+    def _wait_http(self, url: str, name: str) -> None:
+        self._wait_until(lambda: _http_ok(url), name, url)
+
+
+def _port_open(port: int) -> bool:
+    try:
+        wait_for_port(port, timeout=0.05)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
 
 
 def _processor_name(i: int) -> str:
