@@ -20,7 +20,6 @@ from typing import Protocol
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.limiter.types import Decision, Limiter, Reservation
-from extproc.metering.meter import ResponseMeter
 from extproc.metering.request import (
     BadRequest,
     RequestInfo,
@@ -29,10 +28,10 @@ from extproc.metering.request import (
     parse_request,
     schema_for_path,
 )
-from extproc.metering.usage import Usage
 from extproc.policy.model import Action, ApiKey, Policy
 from extproc.records.record import UsageRecord
 from extproc.service import responses as R
+from extproc.service.accounting import ResponseAccounting
 from extproc.service.admission import ScopePath, pool_ceilings, reservation_tokens, scope_path
 from extproc.service.errors import error_body
 from extproc.service.identity import identify
@@ -44,8 +43,9 @@ from extproc.service.metadata import (
     H_TEAM,
     H_TENANT,
     HEADER_PREFIX,
+    NAMESPACE,
 )
-from extproc.service.ratelimit_headers import ratelimit_headers, retry_after
+from extproc.service.ratelimit_headers import ratelimit_headers, ratelimit_metadata, retry_after
 from extproc.service.telemetry import Telemetry
 
 log = logging.getLogger("tokenmeter.processor")
@@ -116,13 +116,11 @@ class _State:
     path: str = ""
     key: ApiKey | None = None
     info: RequestInfo | None = None
-    reserved: int = 0
     decision: Decision | None = None
-    meter: ResponseMeter | None = None
-    status: int | None = None
-    settled: bool = False
+    settled: bool = False  # a refusal was answered, or the response was accounted for
     record: UsageRecord | None = None
     scopes: ScopePath | None = None
+    accounting: ResponseAccounting | None = None
 
 
 class StreamProcessor:
@@ -133,7 +131,7 @@ class StreamProcessor:
     async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         which = req.WhichOneof("request")
         if which == "response_body":
-            return self._on_response_body(req.response_body)
+            return self._on_response_body(req)
         if which == "request_headers":
             return await self._on_request_headers(req.request_headers)
         if which == "request_body":
@@ -244,9 +242,9 @@ class StreamProcessor:
         if new_body is not None:
             set_headers.append(("content-length", str(len(new_body))))
         metadata = self._admitted_metadata(decision)
-        metadata["model"] = info.model
         s.record.decision = str(metadata["decision"])
-        s.meter = ResponseMeter(schema, info.stream)
+        s.accounting = ResponseAccounting(s.record, schema=schema, prompt_estimate=info.prompt_tokens_estimate)
+        metadata.update(s.accounting.to_metadata())
         return R.request_body(set_headers, body=new_body, metadata=metadata, clear_route_cache=True)
 
     async def _reserve(self, tokens: int) -> Decision:
@@ -263,7 +261,6 @@ class StreamProcessor:
         )
         s.decision = decision
         if decision.allowed:
-            s.reserved = tokens
             s.record.reserved_tokens = tokens
             s.record.pool = decision.pool
         s.record.alerts = decision.alerts
@@ -277,7 +274,10 @@ class StreamProcessor:
             label = "alert" if self.s.policy.mode.value == "enforce" else "shadow"
         if decision.degraded:
             label += "_degraded"
-        return {"pool": decision.pool or "", "decision": label}
+        # Envoy's route adds the x-ratelimit-* response headers from these (envoy/envoy.yaml).
+        metadata: dict[str, R.MetadataValue] = {"pool": decision.pool or "", "decision": label}
+        metadata.update(ratelimit_metadata(decision))
+        return metadata
 
     def _refusal_for(self, decision: Decision) -> pb.ProcessingResponse | None:
         if decision.allowed:
@@ -317,79 +317,68 @@ class StreamProcessor:
     # -- responses -------------------------------------------------------------------------
 
     def _on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        s = self.s
-        headers = _headers(msg)
-        try:
-            s.status = int(headers.get(":status", "0"))
-        except ValueError:
-            s.status = 0
-        set_headers = [(H_REQUEST_ID, s.request_id)]
-        if s.decision is not None:
-            set_headers += ratelimit_headers(s.decision)
-        if s.meter is None:
-            return R.response_headers(set_headers, skip_response_body=True)
-        streaming = headers.get("content-type", "").startswith("text/event-stream")
-        if s.info is not None and streaming != s.info.stream:
-            s.meter = ResponseMeter(s.meter.schema, streaming)
+        """Only when a config sends response headers (envoy/envoy.yaml skips them and passes the
+        status as the `response.code` attribute with the first body chunk instead)."""
+        acc = self.s.accounting
+        if acc is None:
+            return R.response_headers(skip_response_body=True)
+        acc.status = _status(_headers(msg).get(":status"))
         if msg.end_of_stream:
-            return R.response_headers(set_headers, metadata=self._settle())
-        return R.response_headers(set_headers)
+            return R.response_headers(metadata=self._finish(complete=True))
+        return R.response_headers()
 
-    def _on_response_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
-        meter = self.s.meter
-        if meter is not None:
-            meter.feed(msg.body)
+    def _on_response_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
+        acc = self.s.accounting
+        msg = req.response_body
+        if acc is None:
+            return R.CONTINUE_RESPONSE_BODY
+        if acc.status is None:
+            acc.status = _response_code(req)
+        acc.feed(msg.body)
         if not msg.end_of_stream:
             return R.CONTINUE_RESPONSE_BODY
-        return R.response_body(self._settle())
+        return R.response_body(self._finish(complete=True))
 
-    def _settle(self, *, complete: bool = True) -> dict[str, R.MetadataValue]:
-        """Apply the real count (off the request path) and emit the usage record. Idempotent."""
+    def observe(self, req: pb.ProcessingRequest) -> bool:
+        """A message of an observability-mode stream (no reply is read). True: the response is over,
+        and the caller must close the stream (or Envoy holds it for its deferred close timeout)."""
         s = self.s
-        if s.settled or s.key is None or s.record is None or s.decision is None:
+        if s.accounting is None:
+            if s.settled:
+                return True
+            fields = req.metadata_context.filter_metadata.get(NAMESPACE)
+            s.accounting = ResponseAccounting.from_metadata(fields.fields) if fields is not None else None
+            if s.accounting is None:  # refused or not metered: nothing to account for
+                s.settled = True
+                return True
+            s.record = s.accounting.record
+        acc = s.accounting
+        which = req.WhichOneof("request")
+        if which == "response_headers":
+            acc.status = _status(_headers(req.response_headers).get(":status"))
+            done = bool(req.response_headers.end_of_stream)
+        elif which == "response_body":
+            if acc.status is None:
+                acc.status = _response_code(req)
+            acc.feed(req.response_body.body)
+            done = bool(req.response_body.end_of_stream)
+        else:
+            done = False
+        if done:
+            self._finish(complete=True)
+        return done
+
+    def _finish(self, *, complete: bool) -> dict[str, R.MetadataValue]:
+        s = self.s
+        if s.accounting is None or s.settled:
             return {}
         s.settled = True
-        usage = self._usage(complete)
-        actual = usage.total_tokens
-        if s.decision.allowed:
-            self.ctx.limiter.settle(s.key.tenant, s.request_id, actual)
-        rec = s.record
-        rec.status = s.status
-        rec.prompt_tokens, rec.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-        rec.cached_tokens, rec.reasoning_tokens = usage.cached_tokens, usage.reasoning_tokens
-        rec.usage_source = "estimated" if usage.estimated else "reported" if usage.total_tokens else "none"
-        if s.meter is not None:
-            rec.response_model = s.meter.response_model
-        if not complete:
-            rec.decision = f"{rec.decision}_incomplete"
-        self._emit()
-        self.ctx.telemetry.usage(s.key, rec)
-        return {
-            "prompt_tokens": usage.prompt_tokens,
-            "completion_tokens": usage.completion_tokens,
-            "usage_source": rec.usage_source,
-        }
-
-    def _usage(self, complete: bool) -> Usage:
-        s = self.s
-        prompt_estimate = s.info.prompt_tokens_estimate if s.info else 0
-        if s.meter is not None and s.meter.saw_usage:
-            return s.meter.finish(prompt_estimate)
-        if complete and s.status is not None and s.status >= 400:
-            # The model server refused or failed and reported no usage: nothing was served.
-            return Usage(0, 0)
-        if s.meter is not None and complete:
-            return s.meter.finish(prompt_estimate)
-        if not complete:
-            # Cut before usage arrived: stays charged at the reservation, marked estimated.
-            return Usage(prompt_estimate, max(0, s.reserved - prompt_estimate), estimated=True)
-        return Usage(0, 0, estimated=True)
+        return s.accounting.finish(self.ctx.limiter, self.ctx.sink, self.ctx.telemetry, complete=complete)
 
     def close(self) -> None:
         """The gRPC stream ended. Settle anything left open (a cut stream) at its estimate."""
-        s = self.s
-        if not s.settled and s.decision is not None and s.decision.allowed:
-            self._settle(complete=False)
+        if not self.s.settled and self.s.accounting is not None:
+            self._finish(complete=False)
 
     # -- refusals --------------------------------------------------------------------------
 
@@ -436,6 +425,20 @@ class StreamProcessor:
             return
         rec.duration_ms = round((time.monotonic() - self.s.started) * 1000, 3)
         self.ctx.sink.emit(rec)
+
+
+def _status(raw: str | None) -> int | None:
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _response_code(req: pb.ProcessingRequest) -> int | None:
+    attrs = req.attributes.get("envoy.filters.http.ext_proc")
+    if attrs is None or "response.code" not in attrs.fields:
+        return None
+    return int(attrs.fields["response.code"].number_value)
 
 
 def _denial_text(decision: Decision) -> str:

@@ -35,3 +35,9 @@ def ratelimit_headers(decision: Decision) -> list[tuple[str, str]]:
 def retry_after(decision: Decision) -> str:
     """Whole seconds, at least 1: a client that waits this long will not be refused for the same reason."""
     return str(max(1, math.ceil(decision.retry_after_seconds)))
+
+
+def ratelimit_metadata(decision: Decision) -> dict[str, str]:
+    """The same headers as dynamic metadata (`rl_<header>`), for Envoy's route to add to the response."""
+    return {f"rl_{name.removeprefix('x-ratelimit-').replace('-', '_')}": value
+            for name, value in ratelimit_headers(decision)}

@@ -40,6 +40,11 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         proc = StreamProcessor(self.ctx)
         try:
             async for request in request_iterator:
+                if request.observability_mode:
+                    # Envoy reads no reply; close our side at the end of the response.
+                    if proc.observe(request):
+                        return
+                    continue
                 yield await proc.handle(request)
         finally:
             proc.close()

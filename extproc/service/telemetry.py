@@ -46,11 +46,11 @@ class Telemetry:
     def refusal(self, key: ApiKey | None, reason: str) -> None:
         self._refusals.add(1, {"tenant": key.tenant if key else "", "reason": reason})
 
-    def usage(self, key: ApiKey, rec: UsageRecord) -> None:
+    def usage(self, rec: UsageRecord) -> None:
         base: dict[str, str | bool] = {
-            "tenant": key.tenant,
-            "project": key.project,
-            "key_id": key.key_id,
+            "tenant": rec.tenant or "",
+            "project": rec.project or "",
+            "key_id": rec.key_id or "",
             "gen_ai.request.model": rec.model or "",
             "pool": rec.pool or "",
             "estimated": rec.usage_source == "estimated",

@@ -61,8 +61,11 @@ def test_istio_envoyfilter_patch_is_a_valid_envoy_filter(tmp_path: Path) -> None
     config = yaml.safe_load((REPO_ROOT / "envoy" / "envoy.yaml").read_text())
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     shipped_filter = hcm["http_filters"][0]
-    for field in ("processing_mode", "forward_rules", "metadata_options", "failure_mode_allow"):
+    for field in ("processing_mode", "forward_rules", "metadata_options", "failure_mode_allow", "response_attributes"):
         assert istio_filter["typed_config"][field] == shipped_filter["typed_config"][field], field
+    vhost_patch = patch["spec"]["configPatches"][1]["patch"]["value"]
+    shipped_vhost = hcm["route_config"]["virtual_hosts"][0]
+    assert vhost_patch["response_headers_to_add"] == shipped_vhost["response_headers_to_add"]
     hcm["http_filters"][0] = istio_filter
     config["static_resources"]["clusters"][0]["name"] = "outbound|50051||tokenmeter.tokenmeter.svc.cluster.local"
     path = tmp_path / "istio-equivalent.yaml"
