@@ -8,6 +8,7 @@ so what the tests exercise is what operators deploy.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_CONFIG = REPO_ROOT / "envoy" / "envoy.yaml"
+OBSERVE_CONFIG = REPO_ROOT / "envoy" / "envoy-observe.yaml"
+METER_FILTER = "tokenmeter.meter"
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,41 @@ def render(
     return config
 
 
+def observe_variant(config: Mapping[str, Any]) -> dict[str, Any]:
+    """envoy.yaml with the response path metered by a second, observability-mode ext_proc filter.
+
+    Envoy then never waits for the processor on the response path (no added latency per chunk);
+    the price: the meter's replies are not read, so Envoy's access log has no token counts (the usage
+    records do). envoy/envoy-observe.yaml is exactly this function's output (a test checks it).
+    """
+    out: dict[str, Any] = copy.deepcopy(dict(config))
+    hcm = out["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    filters = hcm["http_filters"]
+    admission = filters[0]["typed_config"]
+    admission["processing_mode"]["response_body_mode"] = "NONE"
+    admission.pop("response_attributes", None)
+    meter = {
+        "@type": admission["@type"],
+        "grpc_service": copy.deepcopy(admission["grpc_service"]),
+        "observability_mode": True,
+        # A meter that cannot reach the processor must not fail a response already admitted.
+        "failure_mode_allow": True,
+        "stat_prefix": "meter",
+        "processing_mode": {
+            "request_header_mode": "SKIP",
+            "request_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_header_mode": "SKIP",
+            "response_body_mode": "STREAMED",
+            "response_trailer_mode": "SKIP",
+        },
+        "response_attributes": ["response.code"],
+        "metadata_options": {"forwarding_namespaces": {"untyped": ["tokenmeter"]}},
+    }
+    filters.insert(1, {"name": METER_FILTER, "typed_config": meter})
+    return out
+
+
 def _log_to_file(listener: dict[str, Any], path: str) -> None:
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     for log in hcm.get("access_log", []):
@@ -90,3 +128,18 @@ def _log_to_file(listener: dict[str, Any], path: str) -> None:
 def write(config: Mapping[str, Any], path: Path) -> Path:
     path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
     return path
+
+
+_OBSERVE_HEADER = """\
+# Token Meter, low-latency variant: like envoy.yaml, but the response body is metered by a second
+# ext_proc filter in observability mode, so Envoy never waits for the processor on the response path.
+# Trade-off: Envoy's access log has no token counts (the processor's usage records do).
+# GENERATED from envoy.yaml by extproc.devstack.envoy_config.observe_variant; tests check they match.
+#   .venv/bin/python -c 'from extproc.devstack.envoy_config import write_observe_config; write_observe_config()'
+"""
+
+
+def write_observe_config() -> Path:
+    config = observe_variant(yaml.safe_load(SHIPPED_CONFIG.read_text()))
+    OBSERVE_CONFIG.write_text(_OBSERVE_HEADER + yaml.safe_dump(config, sort_keys=False, width=200))
+    return OBSERVE_CONFIG

@@ -67,6 +67,7 @@ class StackOptions:
     envoy_concurrency: int = 1
     processor_uds: bool = False  # Envoy reaches the processor over a Unix domain socket
     processors: int = 1  # processor processes behind Envoy's one processor cluster
+    envoy_config: Path = envoy_config.SHIPPED_CONFIG  # or envoy_config.OBSERVE_CONFIG
 
 
 @dataclass
@@ -161,6 +162,7 @@ class Stack:
                 "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
             },
             access_log_path=str(self.access_log),
+            source=self.opts.envoy_config,
         )
         path = envoy_config.write(config, self.run_dir / "envoy.yaml")
         argv = commands.envoy_argv(config=str(path), concurrency=self.opts.envoy_concurrency)

@@ -121,6 +121,9 @@ class _State:
     record: UsageRecord | None = None
     scopes: ScopePath | None = None
     accounting: ResponseAccounting | None = None
+    # Envoy sends this stream no response body (envoy-observe.yaml: an observability-mode stream
+    # meters it): the request's accounting belongs to that stream, not to this one's close().
+    response_elsewhere: bool = False
 
 
 class StreamProcessor:
@@ -133,6 +136,8 @@ class StreamProcessor:
         if which == "response_body":
             return self._on_response_body(req)
         if which == "request_headers":
+            if req.HasField("protocol_config"):
+                self.s.response_elsewhere = req.protocol_config.response_body_mode == _BODY_NONE
             return await self._on_request_headers(req.request_headers)
         if which == "request_body":
             return await self._on_request_body(req.request_body)
@@ -377,7 +382,7 @@ class StreamProcessor:
 
     def close(self) -> None:
         """The gRPC stream ended. Settle anything left open (a cut stream) at its estimate."""
-        if not self.s.settled and self.s.accounting is not None:
+        if not self.s.settled and self.s.accounting is not None and not self.s.response_elsewhere:
             self._finish(complete=False)
 
     # -- refusals --------------------------------------------------------------------------
@@ -425,6 +430,9 @@ class StreamProcessor:
             return
         rec.duration_ms = round((time.monotonic() - self.s.started) * 1000, 3)
         self.ctx.sink.emit(rec)
+
+
+_BODY_NONE = 0  # ProcessingMode.BodySendMode.NONE
 
 
 def _status(raw: str | None) -> int | None:

@@ -72,3 +72,11 @@ def test_istio_envoyfilter_patch_is_a_valid_envoy_filter(tmp_path: Path) -> None
     path.write_text(yaml.safe_dump(config))
     result = _validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_observe_variant_is_generated_from_the_main_config() -> None:
+    import yaml
+
+    shipped = yaml.safe_load((REPO_ROOT / "envoy" / "envoy.yaml").read_text())
+    observe = yaml.safe_load((REPO_ROOT / "envoy" / "envoy-observe.yaml").read_text())
+    assert observe == envoy_config.observe_variant(shipped), "regenerate: see the header of envoy-observe.yaml"

@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from extproc.devstack.envoy_config import OBSERVE_CONFIG, SHIPPED_CONFIG
 from extproc.devstack.stack import Stack, StackOptions
 from tests.e2e.client import Reply, chat
 from tests.e2e.conftest import E2E_POLICY
@@ -26,6 +27,12 @@ def own_stack(tmp_path: Path) -> Iterator[Stack]:
     policy = tmp_path / "policy.yaml"
     shutil.copy(E2E_POLICY, policy)
     with Stack(StackOptions(policy=policy, run_dir=tmp_path / "run")) as s:
+        yield s
+
+
+@pytest.fixture(params=[SHIPPED_CONFIG, OBSERVE_CONFIG], ids=["envoy", "envoy-observe"])
+def each_config_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    with Stack(StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run", envoy_config=request.param)) as s:
         yield s
 
 
@@ -103,7 +110,8 @@ def test_policy_edits_apply_live_and_a_bad_edit_keeps_the_last_good_policy(own_s
     assert f"{policy}:" in log and "versoin" in log
 
 
-def test_stream_cut_before_usage_stays_charged_at_the_estimate(own_stack: Stack) -> None:
+def test_stream_cut_before_usage_stays_charged_at_the_estimate(each_config_stack: Stack) -> None:
+    own_stack = each_config_stack
     try:
         chat(own_stack.base_url, BASIC, stream=True, max_tokens=40, extra_headers={"x-fake-cut-after": "3"})
     except Exception:
