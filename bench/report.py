@@ -72,6 +72,9 @@ class Row:
     added: str
     target: str
     verdict: str
+    n: str = ""  # (n) Envoy + the null processor (bench/null_processor.py)
+    floor: str = ""  # (n) - (a): what any grpc.aio processor adds
+    over: str = ""  # (b) - (n): what our processor adds over that floor
 
 
 def _f(x: Any, nd: int = 2, unit: str = "") -> str:
@@ -104,6 +107,7 @@ def _sub(x: Any, y: Any) -> float | None:
 def targets(r: dict[str, Any]) -> list[Row]:
     rows: list[Row] = []
     sat_a, sat_b = _g(r, "saturation", "a", "rps"), _g(r, "saturation", "b", "rps")
+    sat_n = _g(r, "saturation", "n", "rps")
     ratio = sat_b / sat_a if sat_a and sat_b is not None else None
     rows.append(
         Row(
@@ -114,10 +118,13 @@ def targets(r: dict[str, Any]) -> list[Row]:
             f"(b)/(a) = {_f(ratio, 2)}",
             "(b) ≥ 1/4 of (a)",
             _verdict(None if ratio is None else ratio >= 0.25),
+            n=_f(sat_n, 0),
+            floor=f"(n)/(a) = {_f(sat_n / sat_a, 2)}" if sat_a and sat_n is not None else "",
+            over=f"(b)/(n) = {_f(sat_b / sat_n, 2)}" if sat_n and sat_b is not None else "",
         )
     )
     for label, key in (("p50", "p50_ms"), ("p99", "p99_ms")):
-        a, b = _g(r, "seq", "a", key), _g(r, "seq", "b", key)
+        a, b, n = _g(r, "seq", "a", key), _g(r, "seq", "b", key), _g(r, "seq", "n", key)
         add = _sub(b, a)
         is_target = key == "p50_ms"
         rows.append(
@@ -129,11 +136,15 @@ def targets(r: dict[str, Any]) -> list[Row]:
                 _f(add, 3),
                 "added p50 ≤ 0.5 ms (low load)" if is_target else "",
                 _verdict(None if add is None or not is_target else add <= 0.5),
+                n=_f(n, 3),
+                floor=_f(_sub(n, a), 3),
+                over=_f(_sub(b, n), 3),
             )
         )
     for rate in r.get("open", {}):
         for label, key in (("p50", "p50_ms"), ("p99", "p99_ms")):
             a, b = _g(r, "open", rate, "a", key), _g(r, "open", rate, "b", key)
+            n = _g(r, "open", rate, "n", key)
             add = _sub(b, a)
             is_target = rate == "1000" and key == "p99_ms"
             rows.append(
@@ -145,9 +156,12 @@ def targets(r: dict[str, Any]) -> list[Row]:
                     _f(add, 3),
                     "added p99 ≤ 2 ms at 1,000 req/s" if is_target else "",
                     _verdict(None if add is None or not is_target else add <= 2.0),
+                    n=_f(n, 3),
+                    floor=_f(_sub(n, a), 3),
+                    over=_f(_sub(b, n), 3),
                 )
             )
-        a, b = _g(r, "open", rate, "a"), _g(r, "open", rate, "b")
+        a, b, n = _g(r, "open", rate, "a"), _g(r, "open", rate, "b"), _g(r, "open", rate, "n")
         if a and b and "send_lag_p50_ms" in a:
             rows.append(
                 Row(
@@ -158,6 +172,9 @@ def targets(r: dict[str, Any]) -> list[Row]:
                     "",
                     "",
                     "-",
+                    n=f"{_f(n['send_lag_p50_ms'], 3)} / {_f(n['send_lag_p99_ms'], 3)}"
+                    if n and "send_lag_p50_ms" in n
+                    else "",
                 )
             )
     sa, sc = _g(r, "stream", "a"), _g(r, "stream", "c")
@@ -215,35 +232,96 @@ def targets(r: dict[str, Any]) -> list[Row]:
                     "-",
                 )
             )
-    cpu = r.get("cpu", {})
-    if cpu:
+    msgs = r.get("ext_proc_messages", {})
+    if msgs:
+
+        def per_req(t: str) -> str:
+            m = msgs.get(t) or {}
+            if "streams_started" not in m:
+                return ""
+            return f"{_f(m.get('stream_msgs_sent', 0.0), 2)} / {_f(m.get('stream_msgs_received', 0.0), 2)}"
+
         rows.append(
             Row(
-                "processor CPU per request, ms",
+                "ext_proc gRPC messages per request, Envoy → processor / back (Envoy stats)",
+                "0",
+                per_req("b"),
                 "",
-                _f(_g(cpu, "fixed", "processor"), 3),
+                "",
+                "",
+                "-",
+                n=per_req("n"),
+            )
+        )
+    cpu = r.get("cpu", {})
+    if cpu:
+        cpu_n, cpu_b = _g(cpu, "fixed_n", "null-processor"), _g(cpu, "fixed", "processor")
+        rows.append(
+            Row(
+                "processor CPU per request, ms (closed loop, 16 connections, 10N requests)",
+                "",
+                _f(cpu_b, 3),
                 _f(_g(cpu, "stream_c", "processor"), 3) + " per stream",
                 "",
                 "",
                 "-",
+                n=_f(cpu_n, 3),
+                over=_f(_sub(cpu_b, cpu_n), 3),
             )
         )
+        rates = [k for k in r.get("open", {}) if f"open{k}_n" in cpu and f"open{k}_b" in cpu]
+        if rates:
+            at_n = [_g(cpu, f"open{k}_n", "null-processor") for k in rates]
+            at_b = [_g(cpu, f"open{k}_b", "processor") for k in rates]
+            rows.append(
+                Row(
+                    f"processor CPU per request at the same rates, open loop {' / '.join(rates)} req/s, ms",
+                    "",
+                    " / ".join(_f(x, 3) for x in at_b),
+                    "",
+                    "",
+                    "",
+                    "-",
+                    n=" / ".join(_f(x, 3) for x in at_n),
+                    over=" / ".join(_f(_sub(b, n), 3) for n, b in zip(at_n, at_b, strict=True)),
+                )
+            )
         per_chunk = r.get("processor_cpu_per_extra_chunk_ms")
         if per_chunk is not None:
             rows.append(
                 Row("processor CPU per extra streamed chunk, ms (approx.)", "", "", _f(per_chunk, 3), "", "", "-")
             )
+        env_a, env_n = _g(cpu, "open1000_a", "envoy-alone"), _g(cpu, "open1000_n", "envoy-null")
+        env_b = _g(cpu, "open1000_b", "envoy")
         rows.append(
             Row(
-                "Envoy CPU per request, ms",
-                _f(_g(cpu, "open1000_a", "envoy-alone"), 3),
-                _f(_g(cpu, "open1000_b", "envoy"), 3),
+                "Envoy CPU per request, ms (open loop 1000 req/s)",
+                _f(env_a, 3),
+                _f(env_b, 3),
                 _f(_g(cpu, "stream_c", "envoy"), 3) + " per stream",
-                "",
+                _f(_sub(env_b, env_a), 3),
                 "",
                 "-",
+                n=_f(env_n, 3),
+                floor=_f(_sub(env_n, env_a), 3),
+                over=_f(_sub(env_b, env_n), 3),
             )
         )
+        fenv_n, fenv_b = _g(cpu, "fixed_n", "envoy-null"), _g(cpu, "fixed", "envoy")
+        if fenv_n is not None and fenv_b is not None:
+            rows.append(
+                Row(
+                    "Envoy CPU per request, ms (16 connections, same runs as the processor CPU row)",
+                    "",
+                    _f(fenv_b, 3),
+                    "",
+                    "",
+                    "",
+                    "-",
+                    n=_f(fenv_n, 3),
+                    over=_f(_sub(fenv_b, fenv_n), 3),
+                )
+            )
     mf = r.get("memory_flat")
     if mf:
         rows.append(
@@ -289,11 +367,15 @@ def targets(r: dict[str, Any]) -> list[Row]:
 
 def table(r: dict[str, Any]) -> str:
     head = (
-        "| metric | (a) Envoy alone | (b) + processor | (c) + processor, streaming | added | target | met |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| metric | (a) Envoy alone | (n) + null processor | (b) + processor | (c) + processor, streaming "
+        "| added: (b) - (a), (c) - (a) | grpc.aio floor: (n) - (a) | added over the grpc.aio floor: (b) - (n) "
+        "| target | met |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
-        f"| {x.metric} | {x.a} | {x.b} | {x.c} | {x.added} | {x.target} | {x.verdict} |\n" for x in targets(r)
+        f"| {x.metric} | {x.a} | {x.n} | {x.b} | {x.c} | {x.added} | {x.floor} | {x.over} | {x.target} "
+        f"| {x.verdict} |\n"
+        for x in targets(r)
     )
     return head + body
 
@@ -340,32 +422,38 @@ def plot(r: dict[str, Any], runs: dict[str, Run], path: Path) -> Path:
     fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
     ax = axes[0][0]
     groups = [("seq", "1 conn")] + [(f"open{k}", f"{k}/s") for k in r.get("open", {})]
-    labels, a50, a99, b50, b99 = [], [], [], [], []
+    labels: list[str] = []
+    bars: dict[str, list[float]] = {f"({t}) {q}": [] for t in "anb" for q in ("p50", "p99")}
     for key, label in groups:
-        ra, rb = runs.get(f"{key}_a"), runs.get(f"{key}_b")
-        if ra is None or rb is None:
+        got = {t: runs.get(f"{key}_{t}") for t in "anb"}
+        if got["a"] is None or got["b"] is None:
             continue
         labels.append(label)
-        a50.append(pct(ra.latency_ms, 50))
-        a99.append(pct(ra.latency_ms, 99))
-        b50.append(pct(rb.latency_ms, 50))
-        b99.append(pct(rb.latency_ms, 99))
+        for t, run in got.items():
+            for q in (50, 99):
+                bars[f"({t}) p{q}"].append(pct(run.latency_ms, q) if run else math.nan)
     xs = range(len(labels))
-    w = 0.2
-    ax.bar([x - 1.5 * w for x in xs], a50, w, label="(a) p50")
-    ax.bar([x - 0.5 * w for x in xs], a99, w, label="(a) p99")
-    ax.bar([x + 0.5 * w for x in xs], b50, w, label="(b) p50")
-    ax.bar([x + 1.5 * w for x in xs], b99, w, label="(b) p99")
+    w = 0.13
+    colors = {"(a)": "C0", "(n)": "C1", "(b)": "C2"}
+    for i, (name, ys) in enumerate(bars.items()):
+        ax.bar(
+            [x + (i - 2.5) * w for x in xs],
+            ys,
+            w,
+            label=name,
+            color=colors[name[:3]],
+            alpha=1.0 if name.endswith("p50") else 0.55,
+        )
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("latency, ms")
     ax.set_yscale("log")
-    ax.set_title("Latency: Envoy alone (a) vs + processor (b)")
-    ax.legend(fontsize=8)
+    ax.set_title("Latency: Envoy alone (a), + null processor (n), + processor (b)")
+    ax.legend(fontsize=7, ncol=3)
 
     ax = axes[0][1]
     sat = r.get("saturation", {})
     names = list(sat)
-    colors = {"direct": "#999", "a direct_response": "#bbb", "a": "C0", "b": "C2"}
+    colors = {"direct": "#999", "a direct_response": "#bbb", "a": "C0", "n": "C1", "b": "C2"}
     ax.bar(names, [sat[n]["rps"] for n in names], color=[colors.get(n, "C1") for n in names])
     for i, n in enumerate(names):
         ax.text(i, sat[n]["rps"], f"{sat[n]['rps']:,.0f}", ha="center", va="bottom")
@@ -373,16 +461,18 @@ def plot(r: dict[str, Any], runs: dict[str, Run], path: Path) -> Path:
     ax.set_title("Saturation (wrk -t1 -c32, non-streaming)")
 
     ax = axes[0][2]
-    for key, label in (
-        ("open1000_a", "(a) 1000/s"),
-        ("open1000_b", "(b) 1000/s"),
-        ("open200_a", "(a) 200/s"),
-        ("open200_b", "(b) 200/s"),
+    for key, label, style in (
+        ("open1000_a", "(a) 1000/s", ("C0", "-")),
+        ("open1000_n", "(n) 1000/s", ("C1", "-")),
+        ("open1000_b", "(b) 1000/s", ("C2", "-")),
+        ("open200_a", "(a) 200/s", ("C0", "--")),
+        ("open200_n", "(n) 200/s", ("C1", "--")),
+        ("open200_b", "(b) 200/s", ("C2", "--")),
     ):
         run = runs.get(key)
         if run and run.latency_ms:
             s = sorted(run.latency_ms)
-            ax.plot(s, [i / len(s) for i in range(len(s))], label=label)
+            ax.plot(s, [i / len(s) for i in range(len(s))], label=label, color=style[0], linestyle=style[1])
     ax.set_xscale("log")
     ax.set_xlabel("latency from scheduled send, ms")
     ax.set_ylabel("fraction")

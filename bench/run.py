@@ -1,17 +1,20 @@
-"""One command, one process tree on loopback: Envoy alone (a) vs Envoy + processor (b, c streaming).
+"""One command, one process tree on loopback: Envoy alone (a) vs Envoy + a do-nothing grpc.aio
+processor (n) vs Envoy + processor (b, c streaming).
 
     python -m bench.run [--quick] [--out bench/out]
 
 Starts redis-server, two fake model servers (bench/upstream.py), the processor
-(`tokenmeter serve` with bench/policy.yaml), Envoy with the shipped config and a second Envoy
-without the ext_proc filter (bench/stack.py), then measures, in order:
+(`tokenmeter serve` with bench/policy.yaml), the null processor (bench/null_processor.py), Envoy
+with the shipped config, a second Envoy without the ext_proc filter and a third one with the
+shipped config pointed at the null processor (bench/stack.py), then measures, in order:
 
-1. 1-connection sequential latency (a, b);
-2. saturation with wrk -t1 -c32 (fake server direct, a, b);
-3. open-loop latency at fixed rates 200 and 1,000 req/s (a, b);
+1. 1-connection sequential latency (a, n, b);
+2. saturation with wrk -t1 -c32 (fake server direct, a, n, b);
+3. open-loop latency at fixed rates 200, 500 and 1,000 req/s (a, n, b);
 4. streaming (a, c): per-chunk one-way lag, time to first event, processor CPU per stream;
-5. N then 10N requests through (b): processor CPU per request, Redis round trips, RSS flatness;
-6. processor RSS while up to 10,000 streams are held open (HTTP/2 downstream, bench/hold.py).
+5. 10N requests through (n): null-processor CPU per request and ext_proc messages per request;
+6. N then 10N requests through (b): processor CPU per request, Redis round trips, RSS flatness;
+7. processor RSS while up to 10,000 streams are held open (HTTP/2 downstream, bench/hold.py).
 
 Writes <out>/results.json, <out>/results.md and <out>/bench.png, and prints the markdown table.
 """
@@ -31,6 +34,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,10 +112,11 @@ class Meter:
     """CPU seconds of every process of the stack (and this client), snapshotted around a run."""
 
     def __init__(self, stack: BenchStack) -> None:
-        # all processor processes (--processors N) count as one "processor"
+        # all processor processes (--processors N) count as one "processor", the same for the null ones
         self.pids: dict[str, list[int]] = {}
         for p in stack.procs:
-            self.pids.setdefault("processor" if p.name.startswith("processor") else p.name, []).append(p.popen.pid)
+            name = next((g for g in ("processor", "null-processor") if p.name.startswith(g)), p.name)
+            self.pids.setdefault(name, []).append(p.popen.pid)
         if stack.redis is not None:
             self.pids["redis"] = [stack.redis.proc.pid]
         self.pids["client"] = [os.getpid()]
@@ -195,7 +200,8 @@ class Bench:
         self.stack, self.cfg, self.out, self.runner = stack, cfg, out, runner
         self.meter = Meter(stack)
         self.redis = RedisStats(stack.redis.url) if stack.redis else None
-        self.ports = {"a": stack.alone_port, "b": stack.envoy_port, "c": stack.envoy_port}
+        self.ports = {"a": stack.alone_port, "n": stack.null_port, "b": stack.envoy_port, "c": stack.envoy_port}
+        self.admin = {"n": stack.null_admin_port, "b": stack.admin_port}
         self.body = chat_body(stream=False, max_tokens=16)
         self.stream_body = chat_body(stream=True, max_tokens=cfg.stream_tokens)
         self.runs: dict[str, Run] = {}
@@ -249,7 +255,7 @@ class Bench:
                 raise RuntimeError(f"{p.name} exited ({p.popen.returncode}):\n{p.log_tail()}")
 
     def warmup(self) -> None:
-        for t in ("a", "b"):
+        for t in ("a", "n", "b"):
             run = self.arun(load.closed_loop(self.ports[t], self.raw(t), n=self.cfg.warmup, concurrency=8, target=t))
             log(f"warmup ({t}): {run.ok}/{run.sent} ok, statuses {run.statuses}")
             if run.ok < run.sent * 0.9:
@@ -263,7 +269,7 @@ class Bench:
         """One connection, one request at a time; Redis round trips per request (no batching across
         requests at concurrency 1), then the same for sequential streams through (c)."""
         out = {}
-        for t in ("a", "b"):
+        for t in ("a", "n", "b"):
             before = self.redis.snap() if self.redis and t == "b" else None
             run = self.arun(load.sequential(self.ports[t], self.raw(t), self.cfg.seq_n, target=t))
             if before is not None and self.redis:
@@ -292,6 +298,7 @@ class Bench:
             "direct": (self.stack.pool_ports["h100"], path),  # the fake server without Envoy
             "a direct_response": (self.ports["a"], DIRECT_PREFIX.rstrip("/") + path),  # no upstream
             "a": (self.ports["a"], path),
+            "n": (self.ports["n"], path),
             "b": (self.ports["b"], path),
         }
         out: dict[str, Any] = {}
@@ -341,7 +348,7 @@ class Bench:
         out: dict[str, dict[str, Any]] = {}
         for rate in self.cfg.rates:
             out[str(rate)] = {}
-            for t in ("a", "b"):
+            for t in ("a", "n", "b"):
                 run = self.measured(
                     f"open{rate}_{t}",
                     lambda r: r.ok,
@@ -389,6 +396,39 @@ class Bench:
             self.check_alive()
         self.results["stream"] = out
 
+    def ext_proc_stats(self, t: str) -> dict[str, int]:
+        """Envoy's ext_proc filter counters (streams_started, stream_msgs_sent, ...) of target t."""
+        url = f"http://127.0.0.1:{self.admin[t]}/stats?format=json&filter=ext_proc"
+        with urllib.request.urlopen(url, timeout=5) as r:
+            stats = json.loads(r.read())["stats"]
+        return {s["name"].rsplit(".", 1)[-1]: int(s["value"]) for s in stats if isinstance(s.get("value"), int)}
+
+    def messages_per_request(self, t: str, before: dict[str, int], n: int) -> dict[str, float]:
+        after = self.ext_proc_stats(t)
+        return {k: round((after[k] - before.get(k, 0)) / n, 3) for k in after if n and after[k] - before.get(k, 0)}
+
+    def null_fixed_count(self) -> None:
+        """10N requests through (n), as many and at the same concurrency as (b)'s fixed count: the
+        null processor's CPU per request and the ext_proc messages Envoy exchanges per request."""
+        n = 10 * self.cfg.flat_n
+        stats = self.ext_proc_stats("n")
+        run = self.measured(
+            "fixed_n",
+            lambda r: r.ok,
+            lambda: self.arun(
+                load.closed_loop(
+                    self.ports["n"], self.raw("n"), n=n, concurrency=self.cfg.flat_concurrency, target="n"
+                )
+            ),
+        )
+        self.results.setdefault("ext_proc_messages", {})["n"] = self.messages_per_request("n", stats, run.ok)
+        log(
+            f"null fixed count: {run.ok} ok of {n}; null processor CPU "
+            f"{self.cpu['fixed_n']['null-processor']:.3f} ms/req; ext_proc per request "
+            f"{self.results['ext_proc_messages']['n']}"
+        )
+        self.check_alive()
+
     def fixed_count(self) -> None:
         """N requests (CPU, Redis), then up to 10N in N-steps with RSS after each (flatness)."""
         n = self.cfg.flat_n
@@ -396,6 +436,7 @@ class Bench:
         samples: list[tuple[int, int]] = [(0, self.processor_rss())]
         rbefore = self.redis.snap() if self.redis else None
         cpu_before = self.meter.snap()
+        stats = self.ext_proc_stats("b")
         ok = 0
         opens = self.circuit_opens()
         for step in range(1, 11):
@@ -409,6 +450,7 @@ class Bench:
                     self.results.setdefault("redis", {})["b_under_load"] = under_load
             samples.append((step * n, self.processor_rss()))
         cpu_after = self.meter.snap()
+        self.results.setdefault("ext_proc_messages", {})["b"] = self.messages_per_request("b", stats, ok)
         self.cpu["fixed"] = Meter.per_request(cpu_before, cpu_after, ok)
         self.foreign["fixed"] = round(Meter.foreign_cores(cpu_before, cpu_after), 2)
         self.note_circuit("fixed count", opens)
@@ -598,7 +640,7 @@ def _cpu_model() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short runs (< 90 s in all)")
+    parser.add_argument("--quick", action="store_true", help="short runs (about 100 s in all)")
     parser.add_argument("--out", default=str(HERE / "out"), help="output directory (default bench/out)")
     parser.add_argument("--profile", action="store_true", help="also sample the processor with py-spy")
     parser.add_argument("--processors", type=int, default=1, help="processor processes behind Envoy (default 1)")
@@ -643,7 +685,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     stack = BenchStack(opts, chunk_delay_ms=cfg.chunk_delay_ms)
     with stack, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        log(f"stack up in {run_dir}: envoy :{stack.envoy_port}, envoy-alone :{stack.alone_port}")
+        log(
+            f"stack up in {run_dir}: envoy :{stack.envoy_port}, envoy-alone :{stack.alone_port}, "
+            f"envoy-null :{stack.null_port}"
+        )
         bench = Bench(stack, cfg, out, runner)
         if bench.redis:
             bench.redis.calibrate(1.0 if cfg.quick else 2.0)
@@ -652,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         bench.saturation(wrk)
         bench.open_loop()
         bench.streaming()
+        bench.null_fixed_count()
         bench.fixed_count()
         if args.profile:
             bench.profile()
@@ -676,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     results["notes"] += [
         "latency from the scheduled send time (open loop); scheduler lateness is in send_lag_* in results.json",
         "per-chunk lag = client receive time - fake server's send stamp (CLOCK_MONOTONIC), token events only",
-        "all processes (client, 2 Envoys, processor, Redis, fake servers) share the same CPUs",
+        "all processes (client, 3 Envoys, processor, null processor, Redis, fake servers) share the same CPUs",
     ]
     png = report.plot(results, bench.runs, out / "bench.png")
     md = report.markdown(results, png.relative_to(Path.cwd()) if png.is_relative_to(Path.cwd()) else png)

@@ -1,6 +1,7 @@
-"""The benchmark's process tree: one devstack `Stack` plus a second Envoy without the processor.
+"""The benchmark's process tree: one devstack `Stack` plus an Envoy without the processor and an
+Envoy with a do-nothing processor.
 
-Both Envoys run side by side in the same run, from the same shipped file (envoy/envoy.yaml):
+The three Envoys run side by side in the same run, from the same shipped file (envoy/envoy.yaml):
 
 * ``envoy`` (b, c): the shipped config rendered for loopback exactly as the demo and the e2e tests
   run it (extproc.devstack.envoy_config.render).
@@ -10,9 +11,15 @@ Both Envoys run side by side in the same run, from the same shipped file (envoy/
   (direct_response), used only as a reference for the fake server's share of the CPU.
   Everything else (listener, access log, HCM settings, clusters) is identical, so (a) and (b)
   differ only by the processor.
+* ``envoy-null`` (n): the very same rendered config as (b), except that the processor cluster
+  points at bench/null_processor.py (a do-nothing grpc.aio ext_proc server: the floor of any Python
+  processor) and both pool clusters at the fake server (b) and (a) use. The null processor sets no
+  ``tokenmeter:pool`` metadata, so the shipped routes send everything to ``cheap_pool``; pointing
+  that cluster at the same fake server process makes (n) and (b) differ only in the processor.
+  With ``--processors N`` / ``--uds`` the null processors are as many and reached the same way.
 
-Deviations from the shipped file, applied to both: the pool clusters' circuit breakers are raised
-from 10,000 to 100,000 so that the 10,000-open-streams test is not cut by them. Both Envoys run
+Deviations from the shipped file, applied to all three: the pool clusters' circuit breakers are raised
+from 10,000 to 100,000 so that the 10,000-open-streams test is not cut by them. All Envoys run
 with ``--concurrency 1``.
 
 The upstreams are the fake model server with send-time stamps on streamed events
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from extproc.devstack import commands, envoy_config
@@ -82,11 +90,39 @@ def without_ext_proc(config: dict[str, Any], cluster: str = f"{BENCH_POOL}_pool"
     return out
 
 
+def with_null_processor(
+    config: dict[str, Any], processor: list[Endpoint], *, upstream: Endpoint
+) -> dict[str, Any]:
+    """Setup (n): the rendered config with only endpoints changed: the processor cluster to the null
+    processor(s), every pool cluster to `upstream` (the null processor writes no pool metadata, so
+    all requests take the default route to cheap_pool). Filters, routes, timeouts: untouched."""
+    out = copy.deepcopy(config)
+    clusters = {c["name"]: c for c in out["static_resources"]["clusters"]}
+    if "tokenmeter_processor" not in clusters:
+        raise ValueError("the shipped Envoy config has no tokenmeter_processor cluster")
+    for name, endpoints in [("tokenmeter_processor", processor)] + [
+        (n, [upstream]) for n in clusters if n.endswith("_pool")
+    ]:
+        clusters[name]["type"] = "STATIC"
+        clusters[name]["load_assignment"] = {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": e.to_address()}} for e in endpoints]}],
+        }
+    return out
+
+
+def _null_name(i: int) -> str:
+    return "null-processor" if i == 0 else f"null-processor-{i + 1}"
+
+
 @dataclass
 class BenchStack(Stack):
     chunk_delay_ms: float = 5.0
     alone_port: int = 0
     alone_admin_port: int = 0
+    null_port: int = 0
+    null_admin_port: int = 0
+    null_processor_ports: list[int] = field(default_factory=list)
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def start(self) -> None:
@@ -96,6 +132,7 @@ class BenchStack(Stack):
             self.pool_ports[pool] = free_port()
             self._spawn_upstream(pool)
         self.start_processor()
+        self.start_null_processors()
         self._start_envoys()
         for pool, port in self.pool_ports.items():
             self._wait_http(f"http://127.0.0.1:{port}/healthz", f"model-{pool}")
@@ -104,6 +141,26 @@ class BenchStack(Stack):
         argv = commands.fake_model_argv(pool=pool, host="127.0.0.1", port=self.pool_ports[pool])
         argv = [a if a != "extproc.fakes.model_server" else "bench.upstream" for a in argv]
         return self._spawn(f"model-{pool}", [*argv, "--chunk-delay-ms", str(self.chunk_delay_ms)])
+
+    def start_null_processors(self) -> None:
+        """The do-nothing processors of setup (n), as many as the real ones and reached the same way."""
+        self.null_processor_ports = [free_port() for _ in range(self.opts.processors)]
+        for i, port in enumerate(self.null_processor_ports):
+            listen = f"unix:{self._null_socket(i)}" if self.opts.processor_uds else f"127.0.0.1:{port}"
+            self._spawn(_null_name(i), ["python", "-m", "bench.null_processor", "--listen", listen])
+        for i, port in enumerate(self.null_processor_ports):
+            if self.opts.processor_uds:
+                self._wait_path(self._null_socket(i), _null_name(i))
+            else:
+                self._wait_port(port, _null_name(i))
+
+    def null_processor_endpoints(self) -> list[Endpoint]:
+        if self.opts.processor_uds:
+            return [Endpoint(uds=str(self._null_socket(i))) for i in range(len(self.null_processor_ports))]
+        return [Endpoint("127.0.0.1", port) for port in self.null_processor_ports]
+
+    def _null_socket(self, i: int) -> Path:
+        return self.run_dir / f"null-processor-{i + 1}.sock"
 
     def restart_upstreams(self, chunk_delay_ms: float) -> None:
         """Restart the fake model servers on the same ports with another chunk delay."""
@@ -137,8 +194,20 @@ class BenchStack(Stack):
         for log in _hcm(alone).get("access_log", []):
             if "path" in log.get("typed_config", {}):
                 log["typed_config"]["path"] = str(self.run_dir / "access-alone.jsonl")
-        self.configs = {"envoy": full, "envoy-alone": alone}
-        for name, admin in (("envoy", self.admin_port), ("envoy-alone", self.alone_admin_port)):
+        null = with_null_processor(
+            full,
+            self.null_processor_endpoints(),
+            upstream=Endpoint("127.0.0.1", self.pool_ports[BENCH_POOL]),
+        )
+        self.null_port, self.null_admin_port = free_port(), free_port()
+        null["admin"]["address"] = Endpoint("127.0.0.1", self.null_admin_port).to_address()
+        null["static_resources"]["listeners"][0]["address"] = Endpoint("127.0.0.1", self.null_port).to_address()
+        for log in _hcm(null).get("access_log", []):
+            if "path" in log.get("typed_config", {}):
+                log["typed_config"]["path"] = str(self.run_dir / "access-null.jsonl")
+        self.configs = {"envoy": full, "envoy-alone": alone, "envoy-null": null}
+        admins = {"envoy": self.admin_port, "envoy-alone": self.alone_admin_port, "envoy-null": self.null_admin_port}
+        for name, admin in admins.items():
             path = envoy_config.write(self.configs[name], self.run_dir / f"{name}.yaml")
             argv = commands.envoy_argv(config=str(path), concurrency=self.opts.envoy_concurrency)
             self._spawn(name, [*argv, "--use-dynamic-base-id"])
