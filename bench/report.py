@@ -388,7 +388,9 @@ def markdown(r: dict[str, Any], png: Path | None) -> str:
         f"Python {m['python']}; wrk: {m['wrk']}  ",
         f"Other processes on the machine used {m.get('foreign_cores', math.nan):.2f} CPUs on average during the run  ",
         f"Mode: {'quick' if m['quick'] else 'full'}; run took {m['elapsed_s']:.0f} s; {m['date']}  ",
-        f"Processor: {m.get('processors', 1)} process(es), Envoy reaches it over {m.get('processor_transport', 'TCP')}",
+        f"Processor: {m.get('processors', 1)} process(es), "
+        f"Envoy reaches it over {m.get('processor_transport', 'TCP')}; "
+        f"Envoy config {m.get('envoy_config', 'envoy/envoy.yaml')}",
         "",
         table(r),
     ]

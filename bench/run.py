@@ -50,6 +50,7 @@ from bench.profile import Profiler, summarize
 from bench.stack import DIRECT_PREFIX, BenchStack
 from bench.wrk import WrkResult, ensure_wrk, run_wrk, write_script
 from extproc.devstack.binaries import find_envoy, find_redis_server
+from extproc.devstack.envoy_config import OBSERVE_CONFIG, SHIPPED_CONFIG
 from extproc.devstack.stack import StackOptions
 
 HERE = Path(__file__).resolve().parent
@@ -646,6 +647,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processors", type=int, default=1, help="processor processes behind Envoy (default 1)")
     parser.add_argument("--uds", action="store_true", help="Envoy reaches the processor over a Unix socket")
     parser.add_argument(
+        "--envoy-config",
+        choices=("envoy", "observe"),
+        default="envoy",
+        help="shipped config for (b)/(n): envoy/envoy.yaml, or envoy/envoy-observe.yaml (observability-mode meter)",
+    )
+    parser.add_argument(
         "--wait-quiet",
         type=float,
         default=0,
@@ -671,6 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": cfg.quick,
         "processors": max(1, args.processors),
         "processor_transport": "unix socket" if args.uds else "TCP loopback",
+        "envoy_config": f"envoy/{'envoy-observe' if args.envoy_config == 'observe' else 'envoy'}.yaml",
         "nproc": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "envoy_version": _envoy_version(),
@@ -681,7 +689,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     run_dir = out / "run"
     opts = StackOptions(
-        policy=BENCH_POLICY, run_dir=run_dir, processors=max(1, args.processors), processor_uds=args.uds
+        policy=BENCH_POLICY,
+        run_dir=run_dir,
+        processors=max(1, args.processors),
+        processor_uds=args.uds,
+        envoy_config=OBSERVE_CONFIG if args.envoy_config == "observe" else SHIPPED_CONFIG,
     )
     stack = BenchStack(opts, chunk_delay_ms=cfg.chunk_delay_ms)
     with stack, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

@@ -66,14 +66,19 @@ def raise_pool_breakers(config: dict[str, Any]) -> None:
                     t[k] = RAISED_BREAKER
 
 
+def _is_ext_proc(http_filter: dict[str, Any]) -> bool:
+    kind = str(http_filter.get("typed_config", {}).get("@type", ""))
+    return kind.endswith("ext_proc.v3.ExternalProcessor")
+
+
 def without_ext_proc(config: dict[str, Any], cluster: str = f"{BENCH_POOL}_pool") -> dict[str, Any]:
     """Envoy alone: the rendered config minus the ext_proc filter, all routes to one cluster."""
     out = copy.deepcopy(config)
     hcm = _hcm(out)
     before = len(hcm["http_filters"])
-    hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.ext_proc"]
-    if len(hcm["http_filters"]) != before - 1:
-        raise ValueError("the shipped Envoy config has no envoy.filters.http.ext_proc filter to remove")
+    hcm["http_filters"] = [f for f in hcm["http_filters"] if not _is_ext_proc(f)]
+    if len(hcm["http_filters"]) == before:
+        raise ValueError("the shipped Envoy config has no ext_proc filter to remove")
     for vhost in hcm["route_config"]["virtual_hosts"]:
         vhost["routes"] = [
             {
@@ -185,6 +190,7 @@ class BenchStack(Stack):
                 "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
             },
             access_log_path=str(self.run_dir / "access.jsonl"),
+            source=self.opts.envoy_config,
         )
         raise_pool_breakers(full)
         alone = without_ext_proc(full)
