@@ -184,8 +184,6 @@ class StreamProcessor:
         set_names = {name for name, _ in attribution}
         remove = [h for h in headers if h.startswith(HEADER_PREFIX) and h not in set_names]
         remove += [h for h in _CREDENTIAL_HEADERS if h in headers]
-        if key.team is None and H_TEAM in headers:
-            remove.append(H_TEAM)
         metadata: dict[str, R.MetadataValue] = {
             "request_id": s.request_id,
             "tenant": key.tenant,
@@ -204,7 +202,11 @@ class StreamProcessor:
             if refusal is not None:
                 return refusal
             metadata.update(self._admitted_metadata(decision))
-            s.record.decision = metadata["decision"]  # type: ignore[assignment]
+            s.record.decision = str(metadata["decision"])
+            s.settled = True
+            if decision.allowed:  # no tokens to meter: give the reservation back now
+                self.ctx.limiter.settle(key.tenant, s.request_id, 0)
+            self._emit()
             return R.request_headers(
                 [*attribution, (H_POOL, decision.pool or "")],
                 remove,

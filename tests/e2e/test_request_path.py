@@ -182,3 +182,12 @@ def test_every_request_gets_exactly_one_usage_record(stack: Stack) -> None:
     time.sleep(0.3)
     seen = [json.loads(line)["request_id"] for line in stack.usage_log.read_text().splitlines()]
     assert all(seen.count(rid) == 1 for rid in rids), [seen.count(rid) for rid in rids]
+
+
+def test_non_llm_paths_are_authenticated_counted_and_recorded(stack: Stack) -> None:
+    assert request(stack.base_url, "GET", "/v1/models").status == 401
+    reply = request(stack.base_url, "GET", "/v1/models", headers={"authorization": f"Bearer {BASIC}"})
+    assert reply.status == 404  # the fake model server has no such route; Envoy forwarded it
+    rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+    assert rec is not None and rec["decision"] == "admitted" and rec["tenant"] == "acme"
+    assert rec["prompt_tokens"] == rec["completion_tokens"] == 0
