@@ -180,3 +180,14 @@ def test_several_processor_processes_share_limits_through_redis(tmp_path: Path) 
         assert len(pids) == 2, "both processes served requests"
         for rid in rids:
             assert _wait_record(s, rid)["completion_tokens"] == 2
+
+
+def test_shadow_mode_meters_and_records_but_never_refuses(tmp_path: Path) -> None:
+    policy = tmp_path / "shadow.yaml"
+    policy.write_text(E2E_POLICY.read_text().replace("mode: enforce", "mode: shadow"))
+    with Stack(StackOptions(policy=policy, run_dir=tmp_path / "run")) as s:
+        replies = [chat(s.base_url, "e2e-rpm-key", max_tokens=3) for _ in range(5)]  # limit: 3 per minute
+        assert [r.status for r in replies] == [200] * 5
+        decisions = [_wait_record(s, r.headers["x-tokenmeter-request-id"])["decision"] for r in replies]
+        assert decisions == ["admitted"] * 3 + ["shadow"] * 2
+        assert chat(s.base_url, "sk-unknown").status == 401  # identity is still enforced

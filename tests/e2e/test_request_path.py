@@ -191,3 +191,12 @@ def test_non_llm_paths_are_authenticated_counted_and_recorded(stack: Stack) -> N
     rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
     assert rec is not None and rec["decision"] == "admitted" and rec["tenant"] == "acme"
     assert rec["prompt_tokens"] == rec["completion_tokens"] == 0
+
+
+def test_alert_action_lets_requests_through_and_records_the_event(stack: Stack) -> None:
+    replies = [chat(stack.base_url, "e2e-alert-key", max_tokens=200) for _ in range(4)]
+    assert [r.status for r in replies] == [200] * 4  # 4 x ~210 tokens > 300/min, yet nothing refused
+    last = _wait_for(lambda: _record(stack, replies[-1].headers["x-tokenmeter-request-id"]))
+    assert last is not None
+    assert last["decision"] == "alert"
+    assert last["alerts"] == ["key:e2e-alert"]
