@@ -150,19 +150,17 @@ class BenchStack(Stack):
     def start_null_processors(self) -> None:
         """The do-nothing processors of setup (n), as many as the real ones and reached the same way."""
         self.null_processor_ports = [free_port() for _ in range(self.opts.processors)]
-        for i, port in enumerate(self.null_processor_ports):
-            listen = f"unix:{self._null_socket(i)}" if self.opts.processor_uds else f"127.0.0.1:{port}"
-            self._spawn(_null_name(i), ["python", "-m", "bench.null_processor", "--listen", listen])
-        for i, port in enumerate(self.null_processor_ports):
-            if self.opts.processor_uds:
-                self._wait_path(self._null_socket(i), _null_name(i))
-            else:
-                self._wait_port(port, _null_name(i))
+        n = len(self.null_processor_ports)
+        self.start_listeners(
+            [_null_name(i) for i in range(n)],
+            self.null_processor_ports,
+            [self._null_socket(i) for i in range(n)],
+            lambda listen: ["python", "-m", "bench.null_processor", "--listen", listen],
+        )
 
     def null_processor_endpoints(self) -> list[Endpoint]:
-        if self.opts.processor_uds:
-            return [Endpoint(uds=str(self._null_socket(i))) for i in range(len(self.null_processor_ports))]
-        return [Endpoint("127.0.0.1", port) for port in self.null_processor_ports]
+        n = len(self.null_processor_ports)
+        return self.listener_endpoints(self.null_processor_ports, [self._null_socket(i) for i in range(n)])
 
     def _null_socket(self, i: int) -> Path:
         return self.run_dir / f"null-processor-{i + 1}.sock"

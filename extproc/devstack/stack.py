@@ -121,27 +121,41 @@ class Stack:
         extra = self.opts.processor_extra
         if self.opts.processors > 1:
             extra = (*extra, "--replicas-hint", str(self.opts.processors))
-        for i, port in enumerate(self.processor_ports):
-            name = _processor_name(i)
-            sock = self._processor_socket(i)
-            argv = commands.processor_argv(
+        names = [_processor_name(i) for i in range(len(self.processor_ports))]
+        sockets = [self._processor_socket(i) for i in range(len(self.processor_ports))]
+
+        def argv(listen: str) -> list[str]:
+            return commands.processor_argv(
                 policy=str(self.opts.policy),
-                listen=f"unix:{sock}" if self.opts.processor_uds else f"127.0.0.1:{port}",
+                listen=listen,
                 redis=self.redis.url if self.redis else None,
                 usage_log=str(self.usage_log),
                 extra=extra,
             )
-            self._spawn(name, argv)
-        for i, port in enumerate(self.processor_ports):
-            if self.opts.processor_uds:
-                self._wait_path(self._processor_socket(i), _processor_name(i))
-            else:
-                self._wait_port(port, _processor_name(i))
+
+        self.start_listeners(names, self.processor_ports, sockets, argv)
 
     def processor_endpoints(self) -> list[Endpoint]:
+        sockets = [self._processor_socket(i) for i in range(len(self.processor_ports))]
+        return self.listener_endpoints(self.processor_ports, sockets)
+
+    def start_listeners(
+        self, names: list[str], ports: list[int], sockets: list[Path], argv: Callable[[str], list[str]]
+    ) -> None:
+        """Start one process per name, each listening on its port (or its Unix socket when the stack
+        uses sockets), and wait until all of them listen."""
+        for name, port, sock in zip(names, ports, sockets, strict=True):
+            self._spawn(name, argv(f"unix:{sock}" if self.opts.processor_uds else f"127.0.0.1:{port}"))
+        for name, port, sock in zip(names, ports, sockets, strict=True):
+            if self.opts.processor_uds:
+                self._wait_path(sock, name)
+            else:
+                self._wait_port(port, name)
+
+    def listener_endpoints(self, ports: list[int], sockets: list[Path]) -> list[Endpoint]:
         if self.opts.processor_uds:
-            return [Endpoint(uds=str(self._processor_socket(i))) for i in range(len(self.processor_ports))]
-        return [Endpoint("127.0.0.1", port) for port in self.processor_ports]
+            return [Endpoint(uds=str(sock)) for sock in sockets]
+        return [Endpoint("127.0.0.1", port) for port in ports]
 
     def _processor_socket(self, i: int) -> Path:
         return self.processor_socket if i == 0 else self.run_dir / f"processor-{i + 1}.sock"
