@@ -200,3 +200,10 @@ def test_alert_action_lets_requests_through_and_records_the_event(stack: Stack) 
     assert last is not None
     assert last["decision"] == "alert"
     assert last["alerts"] == ["key:e2e-alert"]
+
+
+def test_body_over_envoys_buffer_gets_the_same_json_413(stack: Stack) -> None:
+    reply = chat(stack.base_url, BASIC, text="x" * (5 * 1024 * 1024))  # beyond the 4 MiB listener buffer
+    assert reply.status == 413
+    assert reply.headers["content-type"].startswith("application/json")
+    assert reply.json()["error"]["code"] == "request_too_large"
