@@ -101,11 +101,13 @@ def observe_variant(config: Mapping[str, Any]) -> dict[str, Any]:
             "request_header_mode": "SKIP",
             "request_body_mode": "NONE",
             "request_trailer_mode": "SKIP",
-            "response_header_mode": "SKIP",
+            # Headers too: the meter is not waited for, and a response without a body then still
+            # reaches it (status and end of stream) and gets its record.
+            "response_header_mode": "SEND",
             "response_body_mode": "STREAMED",
             "response_trailer_mode": "SKIP",
         },
-        "response_attributes": ["response.code"],
+        "forward_rules": {"allowed_headers": {"patterns": [{"exact": ":status"}]}},
         "metadata_options": {"forwarding_namespaces": {"untyped": ["tokenmeter"]}},
     }
     filters.insert(1, {"name": METER_FILTER, "typed_config": meter})

@@ -24,6 +24,7 @@ Test hooks (request headers)
 * ``x-fake-status: N`` (400..599): answer status N with an error JSON (OpenAI shape on
   ``/v1/chat/completions``, Anthropic shape on ``/v1/messages``; both carry ``error.message`` and
   ``error.type``). Nothing is counted.
+* ``x-fake-empty-body: 1`` (with ``x-fake-status``): answer that status with no body at all.
 * ``x-fake-cut-after: N`` (streaming only; ignored otherwise): close the connection abruptly after N
   token events, before the finish/usage events. Nothing is counted (``cut_streams`` is bumped).
 * ``x-fake-chunk-delay-ms: N`` (streaming only): sleep N ms before each token event, overriding
@@ -291,6 +292,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     forced = _forced_status(request)
     if forced is not None:
+        if request.headers.get("x-fake-empty-body"):
+            return web.Response(status=forced)
         return _error(forced, f"fake upstream failure ({forced}) requested by x-fake-status", anthropic=False)
     try:
         gen = await _parse(request, anthropic=False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 import orjson
 
@@ -65,12 +66,31 @@ class RequestInfo:
     n: int = 1
 
 
-def schema_for_path(path: str) -> Schema | None:
-    """The API schema of a metered inference path (query string and trailing ``/`` ignored)."""
+def normalize_path(path: str) -> str:
+    """The path as a model server will route it: query, fragment and ``;params`` dropped,
+    percent-escapes decoded, ``.`` segments and repeated or trailing slashes removed, lowercased.
+
+    Matching on this (not on the raw ``:path``) keeps ``/v1//chat/completions``,
+    ``/v1/%63hat/completions`` or ``/V1/chat/completions/`` from passing as unmetered paths.
+    """
     path = path.split("?", 1)[0].split("#", 1)[0]
-    if len(path) > 1:
-        path = path.rstrip("/")
-    return _PATHS.get(path)
+    path = unquote(unquote(path))  # twice: a double-encoded escape is decoded by some servers too
+    segments = [seg.split(";", 1)[0] for seg in path.split("/")]
+    parts: list[str] = []
+    for seg in segments:
+        if seg in ("", "."):
+            continue
+        if seg == "..":
+            if parts:
+                parts.pop()
+            continue
+        parts.append(seg)
+    return "/" + "/".join(parts).lower()
+
+
+def schema_for_path(path: str) -> Schema | None:
+    """The API schema of a metered inference path (see `normalize_path`)."""
+    return _PATHS.get(normalize_path(path))
 
 
 def _load_object(body: bytes) -> dict[str, Any]:
@@ -105,13 +125,13 @@ def _count(obj: dict[str, Any], key: str, minimum: int) -> int | None:
 
 
 def _max_output(obj: dict[str, Any], keys: tuple[str, ...]) -> int | None:
-    """The first of ``keys`` given (every given one must be a non-negative integer)."""
-    result = None
-    for key in keys:
-        value = _count(obj, key, 0)
-        if result is None:
-            result = value
-    return result
+    """The largest of ``keys`` given (every given one must be a non-negative integer).
+
+    The largest, not the first: servers differ in which field wins (vLLM takes
+    ``max_completion_tokens or max_tokens``, so a 0 in one field would hide the other's bound).
+    """
+    given = [v for v in (_count(obj, key, 0) for key in keys) if v is not None]
+    return max(given) if given else None
 
 
 def _messages(obj: dict[str, Any], required: bool) -> list[Any] | None:

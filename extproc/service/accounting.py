@@ -41,12 +41,15 @@ def final_usage(
     """What to charge once the response is over.
 
     Reported usage always wins. A response that completed with an error status and no usage served
-    nothing. A stream cut before usage stays charged at its reservation, marked estimated.
+    nothing, and so did one without a body. A stream cut before usage stays charged at its
+    reservation, marked estimated.
     """
     if meter is not None and meter.saw_usage:
         return meter.finish(prompt_estimate)
     if complete and status is not None and status >= 400:
         return Usage(0, 0)
+    if complete and meter is not None and meter.bytes_seen == 0:
+        return Usage(0, 0)  # a response without a body served nothing
     if meter is not None and complete:
         return meter.finish(prompt_estimate)
     return Usage(prompt_estimate, max(0, reserved - prompt_estimate), estimated=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -100,12 +101,14 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
 
 
 _counter = 0
+# Unique per process even where every replica is pid 1 (containers).
+_ID_PREFIX = f"{secrets.token_hex(4)}{os.getpid():x}"
 
 
 def _new_request_id() -> str:
     global _counter
     _counter += 1
-    return f"{os.getpid():x}-{time.time_ns():x}-{_counter:x}"
+    return f"{_ID_PREFIX}-{time.time_ns():x}-{_counter:x}"
 
 
 @dataclass
@@ -124,6 +127,7 @@ class _State:
     # Envoy sends this stream no response body (envoy-observe.yaml: an observability-mode stream
     # meters it): the request's accounting belongs to that stream, not to this one's close().
     response_elsewhere: bool = False
+    reserving: bool = False  # a reservation may exist in the limiter (the call was made)
 
 
 class StreamProcessor:
@@ -197,6 +201,16 @@ class StreamProcessor:
             # Not a metered LLM call (or no body): count the request, no token accounting.
             if schema is not None:
                 return self._bad_request(BadRequest("request body is required", None))
+            if headers.get(":method", "GET") not in _UNMETERED_METHODS:
+                # Deny by default: a model server's other POST endpoints (score, rerank, pooling,
+                # tokenize, ...) use the GPU too, and are not metered here.
+                return self._refuse(
+                    404,
+                    f"{s.record.path} is not an endpoint this gateway meters.",
+                    type_="invalid_request_error",
+                    code="unsupported_endpoint",
+                    decision="unsupported",
+                )
             decision = await self._reserve(0)
             refusal = self._refusal_for(decision)
             if refusal is not None:
@@ -257,6 +271,7 @@ class StreamProcessor:
     async def _reserve(self, tokens: int) -> Decision:
         s = self.s
         assert s.key is not None and s.record is not None and s.scopes is not None
+        s.reserving = True
         decision = await self.ctx.limiter.reserve(
             Reservation(
                 request_id=s.request_id,
@@ -382,10 +397,23 @@ class StreamProcessor:
         s.settled = True
         return s.accounting.finish(self.ctx.limiter, self.ctx.sink, self.ctx.telemetry, complete=complete)
 
-    def close(self) -> None:
-        """The gRPC stream ended. Settle anything left open (a cut stream) at its estimate."""
-        if not self.s.settled and self.s.accounting is not None and not self.s.response_elsewhere:
-            self._finish(complete=False)
+    def close(self, *, graceful: bool = False) -> None:
+        """The gRPC stream ended. Settle anything left open: a response that ended normally without
+        a body (graceful) as complete, a cut stream at its estimate; give back a reservation whose
+        request was abandoned before an answer; record requests that ended early."""
+        s = self.s
+        if s.settled:
+            return
+        if s.accounting is not None:
+            if not s.response_elsewhere:
+                self._finish(complete=graceful and s.accounting.meter.bytes_seen == 0)
+            return
+        if s.reserving and s.key is not None:  # cancelled while (or right after) reserving
+            self.ctx.limiter.settle(s.key.tenant, s.request_id, 0)
+        if s.record is not None and s.record.decision == "pending":
+            s.settled = True
+            s.record.decision = "aborted"  # e.g. the client went away, or Envoy refused the body itself
+            self._emit()
 
     # -- refusals --------------------------------------------------------------------------
 
@@ -435,6 +463,7 @@ class StreamProcessor:
 
 
 _BODY_NONE = 0  # ProcessingMode.BodySendMode.NONE
+_UNMETERED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 def _status(raw: str | None) -> int | None:

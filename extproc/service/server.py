@@ -38,6 +38,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         context: grpc.aio.ServicerContext[pb.ProcessingRequest, pb.ProcessingResponse],
     ) -> AsyncIterator[pb.ProcessingResponse]:
         proc = StreamProcessor(self.ctx)
+        graceful = False
         try:
             async for request in request_iterator:
                 if request.observability_mode:
@@ -46,8 +47,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                         return
                     continue
                 yield await proc.handle(request)
+            graceful = True  # Envoy half-closed: the exchange ended normally, not by a reset
         finally:
-            proc.close()
+            proc.close(graceful=graceful)
 
 
 @dataclass(frozen=True)

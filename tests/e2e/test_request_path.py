@@ -207,3 +207,27 @@ def test_body_over_envoys_buffer_gets_the_same_json_413(stack: Stack) -> None:
     assert reply.status == 413
     assert reply.headers["content-type"].startswith("application/json")
     assert reply.json()["error"]["code"] == "request_too_large"
+
+
+def test_upstream_error_with_no_body_is_recorded_and_not_charged(stack: Stack) -> None:
+    reply = chat(stack.base_url, BASIC, max_tokens=50, extra_headers={"x-fake-status": "503", "x-fake-empty-body": "1"})
+    assert reply.status == 503
+    rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+    assert rec is not None, "a response without a body still gets its usage record"
+    assert rec["prompt_tokens"] == rec["completion_tokens"] == 0
+    if stack.opts.envoy_config.name != "envoy.yaml":  # envoy.yaml skips response headers: no status
+        assert rec["status"] == 503
+
+
+def test_path_spelling_tricks_are_still_metered_or_refused(stack: Stack) -> None:
+    headers = {"authorization": f"Bearer {BASIC}", "content-type": "application/json"}
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}).encode()
+    for path in ("/v1//chat/completions", "/v1/%63hat/completions", "/v1/./chat/completions"):
+        reply = request(stack.base_url, "POST", path, body, headers)
+        if reply.status == 200:
+            rec = _wait_for(lambda reply=reply: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+            assert rec is not None and rec["completion_tokens"] == 5 and rec["usage_source"] == "reported", path
+        else:
+            assert reply.status in (400, 404), (path, reply.status)
+    reply = request(stack.base_url, "POST", "/v1/rerank", body, headers)
+    assert reply.status == 404 and reply.json()["error"]["code"] == "unsupported_endpoint"

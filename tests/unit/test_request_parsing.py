@@ -79,9 +79,15 @@ def test_chat_request_is_parsed() -> None:
     )
 
 
-def test_max_completion_tokens_is_preferred_over_max_tokens() -> None:
-    info = parse_request(chat(max_tokens=4096, max_completion_tokens=100), Schema.OPENAI)
-    assert info.max_output_tokens == 100
+def test_the_largest_output_bound_given_is_reserved() -> None:
+    # Servers differ in which field wins; reserving the largest keeps the estimate an upper bound.
+    assert parse_request(chat(max_tokens=4096, max_completion_tokens=100), Schema.OPENAI).max_output_tokens == 4096
+    assert parse_request(chat(max_tokens=10, max_completion_tokens=100), Schema.OPENAI).max_output_tokens == 100
+
+
+def test_a_zero_bound_does_not_hide_the_other_field() -> None:
+    info = parse_request(chat(max_tokens=100_000, max_completion_tokens=0), Schema.OPENAI)
+    assert info.max_output_tokens == 100_000
 
 
 def test_missing_max_tokens_is_none() -> None:
@@ -453,3 +459,10 @@ def test_parse_request_never_fails_with_anything_but_bad_request(value: Any, sch
     assert info.prompt_tokens_estimate >= 0
     if info.wants_usage_injection:
         assert not parse_request(inject_stream_usage(raw), schema).wants_usage_injection
+
+
+def test_path_spellings_a_server_would_route_alike_are_all_metered() -> None:
+    for path in ("/v1//chat/completions", "/V1/chat/completions", "/v1/chat%2Fcompletions", "/v1/./chat/completions",
+                 "/v1/chat/completions;x=1", "/v1/%63hat/completions", "/x/../v1/chat/completions/"):
+        assert schema_for_path(path) is Schema.OPENAI, path
+    assert schema_for_path("/v1/models") is None
