@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -35,7 +35,7 @@ class UsageRecord:
     duration_ms: float = 0.0
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # orjson serializes dataclasses natively (no asdict copy)
 
     @classmethod
     def from_json(cls, line: bytes | str) -> UsageRecord:
