@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -42,3 +42,9 @@ class UsageRecord:
         data: dict[str, Any] = orjson.loads(line)
         data["alerts"] = tuple(data.get("alerts", ()))
         return cls(**data)
+
+
+class RecordSink(Protocol):
+    """Where usage records go (extproc.records.sink.JsonlSink)."""
+
+    def emit(self, record: UsageRecord) -> None: ...

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Protocol
 
 from google.protobuf import struct_pb2
 
@@ -21,14 +20,9 @@ from extproc.limiter.types import Limiter
 from extproc.metering.meter import ResponseMeter
 from extproc.metering.request import Schema
 from extproc.metering.usage import Usage
-from extproc.records.record import UsageRecord
+from extproc.records.record import RecordSink, UsageRecord
 from extproc.service.responses import MetadataValue
 from extproc.service.telemetry import Telemetry
-
-
-class RecordSink(Protocol):
-    def emit(self, record: UsageRecord) -> None: ...
-
 
 # UsageRecord fields that travel in dynamic metadata to an observability-mode meter stream.
 _RECORD_FIELDS_STR = ("request_id", "decision", "policy_version", "tenant", "project", "team", "key_id",

@@ -30,7 +30,7 @@ from extproc.metering.request import (
     schema_for_path,
 )
 from extproc.policy.model import Action, ApiKey, Policy
-from extproc.records.record import UsageRecord
+from extproc.records.record import RecordSink, UsageRecord
 from extproc.service import responses as R
 from extproc.service.accounting import ResponseAccounting
 from extproc.service.admission import ScopePath, pool_ceilings, reservation_tokens, scope_path
@@ -60,12 +60,6 @@ class PolicySource(Protocol):
 
     @property
     def current(self) -> Policy: ...
-
-
-class RecordSink(Protocol):
-    """Where usage records go (extproc.records.sink.JsonlSink)."""
-
-    def emit(self, record: UsageRecord) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -115,7 +109,6 @@ def _new_request_id() -> str:
 class _State:
     policy: Policy
     request_id: str
-    started: float
     path: str = ""
     key: ApiKey | None = None
     info: RequestInfo | None = None
@@ -133,7 +126,7 @@ class _State:
 class StreamProcessor:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.s = _State(policy=ctx.policy, request_id=_new_request_id(), started=time.monotonic())
+        self.s = _State(policy=ctx.policy, request_id=_new_request_id())
 
     async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         which = req.WhichOneof("request")
@@ -458,7 +451,7 @@ class StreamProcessor:
         rec = self.s.record
         if rec is None:
             return
-        rec.duration_ms = round((time.monotonic() - self.s.started) * 1000, 3)
+        rec.duration_ms = round((time.time() - rec.time) * 1000, 3)
         self.ctx.sink.emit(rec)
 
 

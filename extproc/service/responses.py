@@ -92,13 +92,12 @@ def request_body(
 
 
 def response_headers(
-    set_headers: HeaderPairs = (),
     *,
     metadata: Mapping[str, MetadataValue] | None = None,
     skip_response_body: bool = False,
 ) -> pb.ProcessingResponse:
     resp = pb.ProcessingResponse(
-        response_headers=pb.HeadersResponse(response=_common(set_headers, (), False))
+        response_headers=pb.HeadersResponse(response=_common((), (), False))
     )
     if skip_response_body:
         resp.mode_override.response_body_mode = resp.mode_override.NONE
