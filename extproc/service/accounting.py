@@ -49,6 +49,30 @@ def final_usage(
     return Usage(prompt_estimate, max(0, reserved - prompt_estimate), estimated=True)
 
 
+def envoy_final_usage(
+    reported: Usage | None,
+    status: int | None,
+    complete: bool,
+    body_bytes: int,
+    prompt_estimate: int,
+    reserved: int,
+) -> Usage:
+    """`final_usage` for a response Envoy metered: reported usage wins; an error or an empty body
+    served nothing; otherwise (no usage reported, or the stream was cut) an estimate: the prompt
+    estimate plus, for a complete body, about a token per 4 bytes of it (at most the reservation),
+    for a cut one the whole reservation, as when the processor meters."""
+    if reported is not None:
+        return reported
+    if complete and status is not None and status >= 400:
+        return Usage(0, 0)
+    if complete and body_bytes == 0:
+        return Usage(0, 0)
+    output = max(0, reserved - prompt_estimate)
+    if complete:
+        output = min(output, (body_bytes + 3) // 4)
+    return Usage(prompt_estimate, output, estimated=True)
+
+
 class ResponseAccounting:
     def __init__(
         self,
@@ -129,19 +153,54 @@ class ResponseAccounting:
         """Settle and emit once; returns the token metadata for Envoy (empty if already done)."""
         if self.done:
             return {}
+        usage = final_usage(self.meter, self.status, complete, self.prompt_estimate, self.record.reserved_tokens)
+        return self._close(usage, self.meter.response_model, limiter, sink, telemetry, complete=complete)
+
+    def finish_counted(
+        self,
+        reported: Usage | None,
+        *,
+        body_bytes: int,
+        complete: bool,
+        response_model: str | None,
+        duration_ms: float | None,
+        limiter: Limiter,
+        sink: RecordSink,
+        telemetry: Telemetry,
+    ) -> None:
+        """Settle and emit from what Envoy counted (envoy/envoy-native.yaml's access log entry)."""
+        if self.done:
+            return
+        usage = envoy_final_usage(
+            reported, self.status, complete, body_bytes, self.prompt_estimate, self.record.reserved_tokens
+        )
+        self._close(usage, response_model, limiter, sink, telemetry, complete=complete, duration_ms=duration_ms)
+
+    def _close(
+        self,
+        usage: Usage,
+        response_model: str | None,
+        limiter: Limiter,
+        sink: RecordSink,
+        telemetry: Telemetry,
+        *,
+        complete: bool,
+        duration_ms: float | None = None,
+    ) -> dict[str, MetadataValue]:
         self.done = True
         rec = self.record
-        usage = final_usage(self.meter, self.status, complete, self.prompt_estimate, rec.reserved_tokens)
         if rec.tenant:
             limiter.settle(rec.tenant, rec.request_id, usage.total_tokens)
         rec.status = self.status
         rec.prompt_tokens, rec.completion_tokens = usage.prompt_tokens, usage.completion_tokens
         rec.cached_tokens, rec.reasoning_tokens = usage.cached_tokens, usage.reasoning_tokens
         rec.usage_source = "estimated" if usage.estimated else "reported" if usage.total_tokens else "none"
-        rec.response_model = self.meter.response_model
+        rec.response_model = response_model
         if not complete:
             rec.decision = f"{rec.decision}_incomplete"
-        rec.duration_ms = round((time.time() - rec.time) * 1000, 3)
+        if duration_ms is None:
+            duration_ms = (time.time() - rec.time) * 1000
+        rec.duration_ms = round(duration_ms, 3)
         sink.emit(rec)
         telemetry.usage(rec)
         return {

@@ -10,3 +10,8 @@ H_TEAM = "x-tokenmeter-team"
 H_KEY_ID = "x-tokenmeter-key-id"
 H_POOL = "x-tokenmeter-pool"
 H_REQUEST_ID = "x-tokenmeter-request-id"
+
+# envoy/envoy-native.yaml: the namespace Envoy's json_to_metadata / sse_to_metadata write counted
+# usage to, and the name of the gRPC access log whose entries settle requests.
+USAGE_NAMESPACE = "tokenmeter.usage"
+SETTLE_LOG_NAME = "tokenmeter.settle"

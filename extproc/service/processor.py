@@ -94,6 +94,28 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
     return out
 
 
+# Envoy attribute names (envoy/envoy-native.yaml's request_attributes) -> the header they stand for.
+_ATTRIBUTE_HEADERS = {
+    "request.path": ":path",
+    "request.method": ":method",
+    "request.headers['authorization']": "authorization",
+    "request.headers['x-api-key']": "x-api-key",
+    "request.headers['content-type']": "content-type",
+}
+
+
+def _attribute_headers(req: pb.ProcessingRequest) -> dict[str, str]:
+    attrs = req.attributes.get("envoy.filters.http.ext_proc")
+    out: dict[str, str] = {}
+    if attrs is None:
+        return out
+    for name, value in attrs.fields.items():
+        header = _ATTRIBUTE_HEADERS.get(name)
+        if header is not None and value.WhichOneof("kind") == "string_value":
+            out[header] = value.string_value
+    return out
+
+
 _counter = 0
 # Unique per process even where every replica is pid 1 (containers).
 _ID_PREFIX = f"{secrets.token_hex(4)}{os.getpid():x}"
@@ -128,15 +150,28 @@ class StreamProcessor:
         self.ctx = ctx
         self.s = _State(policy=ctx.policy, request_id=_new_request_id())
 
+    @property
+    def exchange_over(self) -> bool:
+        """Nothing more will come on this stream that needs an answer: the request was answered and
+        the response goes elsewhere (or nowhere). The caller may close the stream, so that it does
+        not stay open (and hold memory here) for the whole response."""
+        s = self.s
+        return s.response_elsewhere and (s.settled or s.accounting is not None)
+
     async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         which = req.WhichOneof("request")
         if which == "response_body":
             return self._on_response_body(req)
+        if req.HasField("protocol_config"):  # on the first message of the stream
+            self.s.response_elsewhere = req.protocol_config.response_body_mode == _BODY_NONE
         if which == "request_headers":
-            if req.HasField("protocol_config"):
-                self.s.response_elsewhere = req.protocol_config.response_body_mode == _BODY_NONE
-            return await self._on_request_headers(req.request_headers)
+            msg = req.request_headers
+            return await self._admit_headers(_headers(msg), end_of_stream=msg.end_of_stream)
         if which == "request_body":
+            if self.s.record is None:
+                # Request headers are skipped (envoy/envoy-native.yaml): the body comes alone, with
+                # the path, method and credentials as attributes. One message for the whole request.
+                return await self._admit_headers(_attribute_headers(req), end_of_stream=False, body=req.request_body)
             return await self._on_request_body(req.request_body)
         if which == "response_headers":
             return self._on_response_headers(req.response_headers)
@@ -146,9 +181,12 @@ class StreamProcessor:
 
     # -- request headers -------------------------------------------------------------------
 
-    async def _on_request_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
+    async def _admit_headers(
+        self, headers: Mapping[str, str], *, end_of_stream: bool, body: pb.HttpBody | None = None
+    ) -> pb.ProcessingResponse:
+        """The caller's identity and attribution. With `body` (headers skipped, see handle), the
+        body's admission follows in the same reply."""
         s = self.s
-        headers = _headers(msg)
         s.path = headers.get(":path", "")
         key = identify(headers, s.policy)
         s.record = UsageRecord(
@@ -190,7 +228,7 @@ class StreamProcessor:
             "policy_version": s.policy.version,
         }
         schema = schema_for_path(s.path)
-        if schema is None or msg.end_of_stream:
+        if schema is None or end_of_stream:
             # Not a metered LLM call (or no body): count the request, no token accounting.
             if schema is not None:
                 return self._bad_request(BadRequest("request body is required", None))
@@ -214,6 +252,10 @@ class StreamProcessor:
             if decision.allowed:  # no tokens to meter: give the reservation back now
                 self.ctx.limiter.settle(key.tenant, s.request_id, 0)
             self._emit()
+            if body is not None:
+                return R.request_body(
+                    [*attribution, (H_POOL, decision.pool or "")], remove, metadata=metadata, clear_route_cache=True
+                )
             return R.request_headers(
                 [*attribution, (H_POOL, decision.pool or "")],
                 remove,
@@ -221,11 +263,21 @@ class StreamProcessor:
                 clear_route_cache=True,
                 skip_request_body=True,
             )
+        if body is not None:
+            # Without a headers phase Envoy applies no header mutation: envoy-native.yaml's route
+            # sets the attribution headers from this metadata and removes the credentials.
+            return await self._on_request_body(body, header_metadata=metadata)
         return R.request_headers(attribution, remove, metadata=metadata)
 
     # -- request body ----------------------------------------------------------------------
 
-    async def _on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
+    async def _on_request_body(
+        self,
+        msg: pb.HttpBody,
+        attribution: list[tuple[str, str]] | None = None,
+        remove: list[str] | None = None,
+        header_metadata: Mapping[str, R.MetadataValue] | None = None,
+    ) -> pb.ProcessingResponse:
         s = self.s
         assert s.key is not None and s.record is not None
         body = msg.body
@@ -252,14 +304,15 @@ class StreamProcessor:
         if refusal is not None:
             return refusal
         new_body = inject_stream_usage(body) if info.wants_usage_injection else None
-        set_headers = [(H_POOL, decision.pool or "")]
+        set_headers = [*(attribution or ()), (H_POOL, decision.pool or "")]
         if new_body is not None:
             set_headers.append(("content-length", str(len(new_body))))
-        metadata = self._admitted_metadata(decision)
+        metadata = dict(header_metadata or {})
+        metadata.update(self._admitted_metadata(decision))
         s.record.decision = str(metadata["decision"])
         s.accounting = ResponseAccounting(s.record, schema=schema, prompt_estimate=info.prompt_tokens_estimate)
         metadata.update(s.accounting.to_metadata())
-        return R.request_body(set_headers, body=new_body, metadata=metadata, clear_route_cache=True)
+        return R.request_body(set_headers, remove or (), body=new_body, metadata=metadata, clear_route_cache=True)
 
     async def _reserve(self, tokens: int) -> Decision:
         s = self.s

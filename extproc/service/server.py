@@ -1,4 +1,5 @@
-"""The gRPC server: a thin loop that hands each ext_proc stream to a StreamProcessor.
+"""The gRPC server: a thin loop that hands each ext_proc stream to a StreamProcessor, and Envoy's
+access log stream (envoy/envoy-native.yaml) to the AccessLogReceiver.
 
 Also serves the standard gRPC health service. SIGTERM/SIGINT: report NOT_SERVING, stop accepting,
 let open streams finish (bounded grace), apply queued settlements, flush usage records, exit.
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from extproc.limiter import limiter_from_url
 from extproc.policy import PolicyStore
 from extproc.records.sink import JsonlSink
+from extproc.service.access_log import AccessLogReceiver
 from extproc.service.processor import Context, StreamProcessor
 from extproc.service.telemetry import Telemetry
 
@@ -47,6 +50,9 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                         return
                     continue
                 yield await proc.handle(request)
+                if proc.exchange_over:
+                    graceful = True
+                    return  # the response is metered elsewhere: free this stream now
             graceful = True  # Envoy half-closed: the exchange ended normally, not by a reset
         finally:
             proc.close(graceful=graceful)
@@ -105,6 +111,8 @@ async def serve(opts: ServeOptions) -> None:
         ]
     )
     pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ctx), server)
+    # envoy/envoy-native.yaml: requests end (and settle) through Envoy's gRPC access log.
+    als_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(ctx), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = server.add_insecure_port(opts.listen)

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.devstack.envoy_config import OBSERVE_CONFIG, SHIPPED_CONFIG
+from extproc.devstack.envoy_config import NATIVE_CONFIG, OBSERVE_CONFIG, SHIPPED_CONFIG
 from extproc.devstack.stack import Stack, StackOptions
 from tests.e2e.client import Reply, chat
 from tests.e2e.conftest import E2E_POLICY
@@ -30,7 +30,7 @@ def own_stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
 
 
-@pytest.fixture(params=[SHIPPED_CONFIG, OBSERVE_CONFIG], ids=["envoy", "envoy-observe"])
+@pytest.fixture(params=[SHIPPED_CONFIG, OBSERVE_CONFIG, NATIVE_CONFIG], ids=["envoy", "envoy-observe", "envoy-native"])
 def each_config_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     with Stack(StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run", envoy_config=request.param)) as s:
         yield s

@@ -1,0 +1,110 @@
+"""Envoy's gRPC access log as the end of each request (envoy/envoy-native.yaml).
+
+With the response metered by Envoy itself (json_to_metadata / sse_to_metadata), the processor
+learns how a request ended from the access log entry Envoy sends when the stream is over: status,
+body bytes, response flags, the admission's own dynamic metadata (`tokenmeter`, written by this
+processor at admission, so any replica can settle it) and the counted usage (`tokenmeter.usage`).
+Envoy batches entries (buffer_flush_interval), so settlement costs no message per request.
+
+Only a log named SETTLE_LOG_NAME settles: any other access log pointed here is read and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.data.accesslog.v3 import accesslog_pb2 as alog
+from envoy.service.accesslog.v3 import als_pb2 as als
+from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
+
+from extproc.metering.envoy_usage import response_model, usage_from_envoy
+from extproc.service.accounting import ResponseAccounting
+from extproc.service.metadata import NAMESPACE, SETTLE_LOG_NAME, USAGE_NAMESPACE
+from extproc.service.processor import Context
+
+log = logging.getLogger("tokenmeter.access_log")
+
+# Response flags that mean the response did not run to its end (client gone, upstream cut or reset,
+# timeouts): without reported usage such a request stays charged at its reservation.
+_CUT_FLAGS = (
+    "downstream_connection_termination",
+    "downstream_remote_reset",
+    "upstream_remote_reset",
+    "upstream_connection_termination",
+    "upstream_protocol_error",
+    "local_reset",
+    "stream_idle_timeout",
+    "upstream_request_timeout",
+    "upstream_max_stream_duration_reached",
+    "duration_timeout",
+    "overload_manager",
+)
+
+
+def was_cut(flags: alog.ResponseFlags) -> bool:
+    return any(getattr(flags, name) for name in _CUT_FLAGS)
+
+
+def _duration_ms(props: alog.AccessLogCommon) -> float | None:
+    """Envoy's own time from the first request byte to the last response byte sent."""
+    if not props.HasField("time_to_last_downstream_tx_byte"):
+        return None
+    return float(props.time_to_last_downstream_tx_byte.ToNanoseconds()) / 1e6
+
+
+def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
+    """Settle and record one request from its access log entry; False when there was nothing to
+    settle (refused, unmetered, or not admitted by this project's processor)."""
+    props = entry.common_properties
+    filter_md = props.metadata.filter_metadata
+    admitted = filter_md.get(NAMESPACE)
+    if admitted is None:
+        return False
+    acct = ResponseAccounting.from_metadata(admitted.fields)
+    if acct is None:
+        return False
+    counted = filter_md.get(USAGE_NAMESPACE)
+    fields = dict(counted.items()) if counted is not None else {}
+    if entry.response.HasField("response_code"):
+        acct.status = entry.response.response_code.value or None
+    acct.finish_counted(
+        usage_from_envoy(fields, acct.schema),
+        body_bytes=entry.response.response_body_bytes,
+        complete=not was_cut(props.response_flags),
+        response_model=response_model(fields),
+        duration_ms=_duration_ms(props),
+        limiter=ctx.limiter,
+        sink=ctx.sink,
+        telemetry=ctx.telemetry,
+    )
+    return True
+
+
+class AccessLogReceiver(als_grpc.AccessLogServiceServicer):  # type: ignore[misc]
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self.settled = 0
+
+    async def StreamAccessLogs(
+        self,
+        request_iterator: AsyncIterator[als.StreamAccessLogsMessage],
+        context: grpc.aio.ServicerContext[als.StreamAccessLogsMessage, als.StreamAccessLogsResponse],
+    ) -> als.StreamAccessLogsResponse:
+        settles = False
+        async for msg in request_iterator:
+            if msg.HasField("identifier"):  # the first message of each stream names the log
+                settles = msg.identifier.log_name == SETTLE_LOG_NAME
+                if not settles:
+                    log.warning("ignoring access log %r (only %r settles)", msg.identifier.log_name,
+                                SETTLE_LOG_NAME)
+            if not settles:
+                continue
+            for entry in msg.http_logs.log_entry:
+                try:
+                    if settle_entry(self.ctx, entry):
+                        self.settled += 1
+                except Exception:  # one bad entry must not drop the rest of the batch
+                    log.exception("could not settle an access log entry")
+        return als.StreamAccessLogsResponse()
