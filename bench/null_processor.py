@@ -26,8 +26,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 import uvloop
+from envoy.service.accesslog.v3 import als_pb2 as als
+from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from google.protobuf import struct_pb2
 
 log = logging.getLogger("bench.null_processor")
 
@@ -50,17 +53,39 @@ RESPONSES: dict[str, pb.ProcessingResponse] = {
 }
 
 
-def response_for(request: pb.ProcessingRequest) -> pb.ProcessingResponse | None:
+
+def _routed(kind: str) -> pb.ProcessingResponse:
+    """For envoy/envoy-native.yaml, whose routes send a request upstream only with the processor's
+    pool metadata: the same empty reply plus a constant `tokenmeter:pool` and a route-cache clear."""
+    md = struct_pb2.Struct()
+    md.fields["tokenmeter"].struct_value.update({"pool": "cheap"})
+    # Envoy re-routes after a body reply only when it carries a header mutation (even an empty one).
+    common = pb.CommonResponse(clear_route_cache=True, header_mutation=pb.HeaderMutation())
+    if kind == "request_body":
+        return pb.ProcessingResponse(request_body=pb.BodyResponse(response=common), dynamic_metadata=md)
+    return pb.ProcessingResponse(request_headers=pb.HeadersResponse(response=common), dynamic_metadata=md)
+
+
+ROUTED_RESPONSES: dict[str, pb.ProcessingResponse] = {
+    **RESPONSES,
+    "request_headers": _routed("request_headers"),
+    "request_body": _routed("request_body"),
+}
+
+
+def response_for(request: pb.ProcessingRequest, table: dict[str, pb.ProcessingResponse] = RESPONSES
+                 ) -> pb.ProcessingResponse | None:
     """The precompiled empty reply for this request's kind; None for an empty request."""
     kind = request.WhichOneof("request")
-    return RESPONSES.get(kind) if kind is not None else None
+    return table.get(kind) if kind is not None else None
 
 
 class NullProcessor:
     """The ExternalProcessor service: `Process` is all that grpc's generated handler looks up."""
 
-    def __init__(self) -> None:
+    def __init__(self, routed: bool = False) -> None:
         self.unknown = 0
+        self.table = ROUTED_RESPONSES if routed else RESPONSES
 
     async def Process(
         self,
@@ -68,16 +93,28 @@ class NullProcessor:
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ProcessingResponse]:
         async for request in request_iterator:
-            resp = response_for(request)
+            resp = response_for(request, self.table)
             if resp is None:  # no kind set: nothing to answer (Envoy never sends this)
                 self.unknown += 1
                 continue
             yield resp
 
 
-async def serve(listen: str, grace_s: float = 1.0) -> None:
+class NullAccessLog:
+    """Reads Envoy's gRPC access log stream (envoy-native.yaml sends one) and drops every entry."""
+
+    async def StreamAccessLogs(
+        self, request_iterator: AsyncIterator[als.StreamAccessLogsMessage], context: grpc.aio.ServicerContext
+    ) -> als.StreamAccessLogsResponse:
+        async for _ in request_iterator:
+            pass
+        return als.StreamAccessLogsResponse()
+
+
+async def serve(listen: str, grace_s: float = 1.0, routed: bool = False) -> None:
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    pb_grpc.add_ExternalProcessorServicer_to_server(NullProcessor(), server)
+    pb_grpc.add_ExternalProcessorServicer_to_server(NullProcessor(routed), server)
+    als_grpc.add_AccessLogServiceServicer_to_server(NullAccessLog(), server)
     if server.add_insecure_port(listen) == 0 and not listen.startswith("unix:"):
         raise OSError(f"cannot listen on {listen}")
     await server.start()
@@ -98,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:/path (default %(default)s)")
     parser.add_argument("--grace", type=float, default=1.0, help="seconds open streams get on SIGTERM")
+    parser.add_argument("--routed", action="store_true",
+                        help="answer request messages with a constant pool metadata + route-cache clear "
+                        "(needed behind envoy/envoy-native.yaml, whose routes require the processor's pool)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvloop.run(serve(args.listen, args.grace))
+    uvloop.run(serve(args.listen, args.grace, args.routed))
     return 0
 
 

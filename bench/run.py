@@ -50,10 +50,11 @@ from bench.profile import Profiler, summarize
 from bench.stack import DIRECT_PREFIX, BenchStack
 from bench.wrk import WrkResult, ensure_wrk, run_wrk, write_script
 from extproc.devstack.binaries import find_envoy, find_redis_server
-from extproc.devstack.envoy_config import OBSERVE_CONFIG, SHIPPED_CONFIG
+from extproc.devstack.envoy_config import NATIVE_CONFIG, OBSERVE_CONFIG, SHIPPED_CONFIG
 from extproc.devstack.stack import StackOptions
 
 HERE = Path(__file__).resolve().parent
+CONFIGS = {"envoy": SHIPPED_CONFIG, "observe": OBSERVE_CONFIG, "native": NATIVE_CONFIG}
 BENCH_POLICY = HERE / "policy.yaml"
 T = TypeVar("T")
 
@@ -648,9 +649,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uds", action="store_true", help="Envoy reaches the processor over a Unix socket")
     parser.add_argument(
         "--envoy-config",
-        choices=("envoy", "observe"),
+        choices=tuple(CONFIGS),
         default="envoy",
-        help="shipped config for (b)/(n): envoy/envoy.yaml, or envoy/envoy-observe.yaml (observability-mode meter)",
+        help="shipped config for (b)/(n): envoy/envoy.yaml, envoy/envoy-observe.yaml (observability-mode meter) "
+        "or envoy/envoy-native.yaml (one message per request, Envoy meters the response)",
     )
     parser.add_argument(
         "--wait-quiet",
@@ -678,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": cfg.quick,
         "processors": max(1, args.processors),
         "processor_transport": "unix socket" if args.uds else "TCP loopback",
-        "envoy_config": f"envoy/{'envoy-observe' if args.envoy_config == 'observe' else 'envoy'}.yaml",
+        "envoy_config": f"envoy/{CONFIGS[args.envoy_config].name}",
         "nproc": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "envoy_version": _envoy_version(),
@@ -693,7 +695,7 @@ def main(argv: list[str] | None = None) -> int:
         run_dir=run_dir,
         processors=max(1, args.processors),
         processor_uds=args.uds,
-        envoy_config=OBSERVE_CONFIG if args.envoy_config == "observe" else SHIPPED_CONFIG,
+        envoy_config=CONFIGS[args.envoy_config],
     )
     stack = BenchStack(opts, chunk_delay_ms=cfg.chunk_delay_ms)
     with stack, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

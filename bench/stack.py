@@ -155,7 +155,8 @@ class BenchStack(Stack):
             [_null_name(i) for i in range(n)],
             self.null_processor_ports,
             [self._null_socket(i) for i in range(n)],
-            lambda listen: ["python", "-m", "bench.null_processor", "--listen", listen],
+            lambda listen: ["python", "-m", "bench.null_processor", "--listen", listen,
+                            *(["--routed"] if self.opts.envoy_config == envoy_config.NATIVE_CONFIG else [])],
         )
 
     def null_processor_endpoints(self) -> list[Endpoint]:
@@ -191,7 +192,22 @@ class BenchStack(Stack):
             source=self.opts.envoy_config,
         )
         raise_pool_breakers(full)
-        alone = without_ext_proc(full)
+        # Envoy alone is always the plain shipped config minus ext_proc (envoy-native.yaml's extra
+        # filters and processor access log belong to the processor's cost, not to Envoy alone's).
+        base = full
+        if self.opts.envoy_config != envoy_config.SHIPPED_CONFIG:
+            base = envoy_config.render(
+                listen_port=self.envoy_port,
+                admin_port=self.admin_port,
+                clusters={
+                    "tokenmeter_processor": self.processor_endpoints(),
+                    "h100_pool": [Endpoint("127.0.0.1", self.pool_ports["h100"])],
+                    "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
+                },
+                access_log_path=str(self.run_dir / "access.jsonl"),
+            )
+            raise_pool_breakers(base)
+        alone = without_ext_proc(base)
         alone["admin"]["address"] = Endpoint("127.0.0.1", self.alone_admin_port).to_address()
         alone_listener = alone["static_resources"]["listeners"][0]
         alone_listener["address"] = Endpoint("127.0.0.1", self.alone_port).to_address()

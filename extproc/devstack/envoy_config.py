@@ -214,6 +214,9 @@ def native_variant(config: Mapping[str, Any]) -> dict[str, Any]:
     mode["response_body_mode"] = "NONE"
     admission.pop("response_attributes", None)
     admission["request_attributes"] = list(NATIVE_REQUEST_ATTRIBUTES)
+    # Envoy clears the route cache on a body reply only if it also mutates headers (DEFAULT), and
+    # header mutations are ignored here: always re-route after the processor's answer.
+    admission["route_cache_action"] = "CLEAR"
     rules = _usage_rules()
     filters.insert(0, {
         # The processor cannot see (or remove) headers here: no client-sent x-tokenmeter-* header

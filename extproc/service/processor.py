@@ -304,9 +304,13 @@ class StreamProcessor:
         if refusal is not None:
             return refusal
         new_body = inject_stream_usage(body) if info.wants_usage_injection else None
-        set_headers = [*(attribution or ()), (H_POOL, decision.pool or "")]
-        if new_body is not None:
-            set_headers.append(("content-length", str(len(new_body))))
+        # Without a headers phase Envoy ignores header mutations; it still needs one (even empty) in
+        # the reply to re-route on the new metadata, and R.request_body always sends one.
+        set_headers: list[tuple[str, str]] = []
+        if header_metadata is None:
+            set_headers = [*(attribution or ()), (H_POOL, decision.pool or "")]
+            if new_body is not None:
+                set_headers.append(("content-length", str(len(new_body))))
         metadata = dict(header_metadata or {})
         metadata.update(self._admitted_metadata(decision))
         s.record.decision = str(metadata["decision"])

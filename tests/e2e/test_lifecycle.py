@@ -30,7 +30,9 @@ def own_stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
 
 
-@pytest.fixture(params=[SHIPPED_CONFIG, OBSERVE_CONFIG, NATIVE_CONFIG], ids=["envoy", "envoy-observe", "envoy-native"])
+@pytest.fixture(params=[SHIPPED_CONFIG, OBSERVE_CONFIG, NATIVE_CONFIG],
+    ids=["envoy", "envoy-observe", "envoy-native"],
+)
 def each_config_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
     with Stack(StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run", envoy_config=request.param)) as s:
         yield s

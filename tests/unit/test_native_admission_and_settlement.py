@@ -1,0 +1,243 @@
+"""envoy/envoy-native.yaml at the protocol level: the request body alone admits (credentials and
+path as attributes), and Envoy's access log entry settles and records the request."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+from envoy.data.accesslog.v3 import accesslog_pb2 as alog
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.accesslog.v3 import als_pb2 as als
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf import struct_pb2
+
+from extproc.limiter.types import Decision, Reservation
+from extproc.metering.request import Schema
+from extproc.policy import load_policy
+from extproc.records.record import UsageRecord
+from extproc.service.access_log import AccessLogReceiver, settle_entry
+from extproc.service.metadata import NAMESPACE, SETTLE_LOG_NAME, USAGE_NAMESPACE
+from extproc.service.processor import Context, FixedPolicy, StreamProcessor
+
+POLICY = Path(__file__).parents[1] / "e2e" / "policy.yaml"
+ATTRS = "envoy.filters.http.ext_proc"
+
+
+class RecordingLimiter:
+    def __init__(self, allow: bool = True) -> None:
+        self.allow = allow
+        self.reserved: list[Reservation] = []
+        self.settled: list[tuple[str, str, int]] = []
+
+    async def reserve(self, r: Reservation) -> Decision:
+        self.reserved.append(r)
+        if self.allow:
+            return Decision(allowed=True, pool="h100")
+        return Decision(allowed=False, denied_scope="key:e2e-basic", denied_kind="tokens", retry_after_seconds=2.0)
+
+    def settle(self, tenant: str, request_id: str, actual_tokens: int) -> None:
+        self.settled.append((tenant, request_id, actual_tokens))
+
+    async def flush(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def emit(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+
+def _context(allow: bool = True) -> tuple[Context, RecordingLimiter, ListSink]:
+    limiter, sink = RecordingLimiter(allow), ListSink()
+    return Context(FixedPolicy(load_policy(POLICY)), limiter, sink), limiter, sink
+
+
+def body_only(body: dict[str, object], *, path: str = "/v1/chat/completions",
+              key: str | None = "e2e-basic-key", header: str = "authorization") -> pb.ProcessingRequest:
+    """What Envoy sends with envoy-native.yaml: the buffered body, headers as CEL attributes."""
+    req = pb.ProcessingRequest(request_body=pb.HttpBody(body=orjson.dumps(body), end_of_stream=True))
+    attrs = req.attributes[ATTRS]
+    attrs.update({"request.path": path, "request.method": "POST"})
+    if key is not None:
+        attrs.update({f"request.headers['{header}']": f"Bearer {key}" if header == "authorization" else key})
+    req.protocol_config.request_body_mode = ProcessingMode.BUFFERED
+    req.protocol_config.response_body_mode = ProcessingMode.NONE
+    return req
+
+
+CHAT = {"model": "llama-test", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 10}
+
+
+def access_log_entry(admission: pb.ProcessingResponse, *, status: int = 200, usage: dict[str, object] | None = None,
+                     body_bytes: int = 300, cut: bool = False) -> alog.HTTPAccessLogEntry:
+    entry = alog.HTTPAccessLogEntry()
+    md = entry.common_properties.metadata.filter_metadata
+    md[NAMESPACE].CopyFrom(admission.dynamic_metadata.fields[NAMESPACE].struct_value)
+    if usage is not None:
+        md[USAGE_NAMESPACE].update(usage)
+    entry.response.response_code.value = status
+    entry.response.response_body_bytes = body_bytes
+    entry.common_properties.response_flags.upstream_connection_termination = cut
+    entry.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(12)
+    return entry
+
+
+async def test_the_body_alone_admits_with_attribution_in_metadata_and_ends_the_exchange() -> None:
+    ctx, limiter, sink = _context()
+    proc = StreamProcessor(ctx)
+    resp = await proc.handle(body_only(CHAT))
+    assert resp.WhichOneof("response") == "request_body"
+    md = resp.dynamic_metadata.fields[NAMESPACE].struct_value
+    assert (md["tenant"], md["key_id"], md["pool"], md["decision"]) == ("acme", "e2e-basic", "h100", "admitted")
+    assert md["reserved_tokens"] == limiter.reserved[0].tokens > 0
+    # Envoy ignores header mutations without a headers phase (the route sets attribution instead),
+    # but re-routes on the processor's metadata only after a reply that carries one: an empty one.
+    mutation = resp.request_body.response.header_mutation
+    assert resp.request_body.response.HasField("header_mutation") and not mutation.set_headers
+    assert proc.exchange_over
+    proc.close(graceful=True)
+    assert limiter.settled == [] and sink.records == []  # the access log entry settles it
+
+
+async def test_an_x_api_key_attribute_identifies_the_caller_too() -> None:
+    ctx, _limiter, _ = _context()
+    resp = await StreamProcessor(ctx).handle(body_only(CHAT, header="x-api-key"))
+    assert resp.dynamic_metadata.fields[NAMESPACE].struct_value["tenant"] == "acme"
+
+
+async def test_a_body_without_credentials_gets_401_and_no_reservation() -> None:
+    ctx, limiter, sink = _context()
+    resp = await StreamProcessor(ctx).handle(body_only(CHAT, key=None))
+    assert resp.immediate_response.status.code == 401
+    assert limiter.reserved == []
+    assert [r.decision for r in sink.records] == ["refused"]
+
+
+async def test_an_unmetered_post_path_is_refused_from_the_body_alone() -> None:
+    ctx, limiter, _ = _context()
+    resp = await StreamProcessor(ctx).handle(body_only({"query": "q"}, path="/v1/rerank"))
+    assert resp.immediate_response.status.code == 404
+    assert limiter.reserved == []
+
+
+async def test_over_the_limit_the_body_alone_gets_429_with_retry_after() -> None:
+    ctx, _, sink = _context(allow=False)
+    resp = await StreamProcessor(ctx).handle(body_only(CHAT))
+    assert resp.immediate_response.status.code == 429
+    headers = {h.header.key: h.header.raw_value.decode() for h in resp.immediate_response.headers.set_headers}
+    assert headers["retry-after"] == "2"
+    assert [r.decision for r in sink.records] == ["throttled"]
+
+
+async def test_a_stream_request_gets_include_usage_injected_in_the_body() -> None:
+    ctx, _, _ = _context()
+    resp = await StreamProcessor(ctx).handle(body_only({**CHAT, "stream": True}))
+    sent = orjson.loads(resp.request_body.response.body_mutation.body)
+    assert sent["stream_options"] == {"include_usage": True}
+
+
+async def test_the_access_log_entry_settles_reported_usage_and_writes_the_record() -> None:
+    ctx, limiter, sink = _context()
+    proc = StreamProcessor(ctx)
+    admission = await proc.handle(body_only(CHAT))
+    request_id = admission.dynamic_metadata.fields[NAMESPACE].struct_value["request_id"]
+    entry = access_log_entry(admission, usage={"prompt_tokens": 9, "completion_tokens": 7, "response_model": "m-1"})
+    assert settle_entry(ctx, entry)
+    assert limiter.settled == [("acme", request_id, 16)]
+    (rec,) = sink.records
+    assert (rec.request_id, rec.tenant, rec.key_id, rec.pool, rec.model) == (
+        request_id, "acme", "e2e-basic", "h100", "llama-test")
+    assert (rec.status, rec.prompt_tokens, rec.completion_tokens, rec.usage_source) == (200, 9, 7, "reported")
+    assert (rec.response_model, rec.decision, rec.duration_ms) == ("m-1", "admitted", 12.0)
+
+
+async def test_a_cut_stream_without_usage_stays_charged_at_its_reservation() -> None:
+    ctx, limiter, sink = _context()
+    admission = await StreamProcessor(ctx).handle(body_only({**CHAT, "stream": True}))
+    reserved = limiter.reserved[0].tokens
+    assert settle_entry(ctx, access_log_entry(admission, usage=None, cut=True))
+    assert limiter.settled[0][2] == reserved
+    assert (sink.records[0].decision, sink.records[0].usage_source) == ("admitted_incomplete", "estimated")
+
+
+async def test_an_upstream_error_without_usage_is_charged_nothing() -> None:
+    ctx, limiter, sink = _context()
+    admission = await StreamProcessor(ctx).handle(body_only(CHAT))
+    assert settle_entry(ctx, access_log_entry(admission, status=503, usage=None, body_bytes=40))
+    assert limiter.settled[0][2] == 0
+    assert (sink.records[0].status, sink.records[0].usage_source) == (503, "none")
+
+
+async def test_a_complete_body_without_usage_is_estimated_within_the_reservation() -> None:
+    ctx, limiter, sink = _context()
+    admission = await StreamProcessor(ctx).handle(body_only(CHAT))
+    reserved = limiter.reserved[0].tokens
+    assert settle_entry(ctx, access_log_entry(admission, usage=None, body_bytes=8))
+    charged = limiter.settled[0][2]
+    assert 0 < charged <= reserved
+    assert sink.records[0].usage_source == "estimated"
+
+
+async def test_entries_of_refused_or_foreign_requests_settle_nothing() -> None:
+    ctx, limiter, sink = _context()
+    refused = await StreamProcessor(ctx).handle(body_only(CHAT, key=None))
+    assert not settle_entry(ctx, access_log_entry(refused))
+    assert not settle_entry(ctx, alog.HTTPAccessLogEntry())  # not through this processor at all
+    assert limiter.settled == [] and len(sink.records) == 1  # only the refusal's own record
+
+
+async def test_only_the_settle_log_settles_and_a_bad_entry_does_not_drop_the_batch() -> None:
+    ctx, limiter, _sink = _context()
+    first = await StreamProcessor(ctx).handle(body_only(CHAT))
+    second = await StreamProcessor(ctx).handle(body_only(CHAT))
+    bad = access_log_entry(first)
+    bad.common_properties.metadata.filter_metadata[NAMESPACE].fields["reserved_tokens"].CopyFrom(
+        struct_pb2.Value(string_value="not a number"))
+
+    def batch(log_name: str | None, *entries: alog.HTTPAccessLogEntry) -> als.StreamAccessLogsMessage:
+        msg = als.StreamAccessLogsMessage()
+        if log_name is not None:
+            msg.identifier.log_name = log_name
+        msg.http_logs.log_entry.extend(entries)
+        return msg
+
+    async def stream(*msgs: als.StreamAccessLogsMessage):  # type: ignore[no-untyped-def]
+        for m in msgs:
+            yield m
+
+    receiver = AccessLogReceiver(ctx)
+    await receiver.StreamAccessLogs(stream(batch("someone.else", access_log_entry(first))), None)
+    assert limiter.settled == []
+    await receiver.StreamAccessLogs(
+        stream(batch(SETTLE_LOG_NAME, bad), batch(None, access_log_entry(second, usage={"prompt_tokens": 1,
+                                                                                      "completion_tokens": 2}))),
+        None,
+    )
+    assert [s[2] for s in limiter.settled][-1] == 3
+    assert receiver.settled >= 1
+
+
+def test_reported_usage_is_read_back_per_schema() -> None:
+    from extproc.metering.envoy_usage import usage_from_envoy
+
+    openai = usage_from_envoy({"prompt_tokens": 10.0, "completion_tokens": 5.0, "cached_tokens": 4.0}, Schema.OPENAI)
+    assert openai is not None and (openai.prompt_tokens, openai.completion_tokens, openai.cached_tokens) == (10, 5, 4)
+    # Anthropic: cache reads and writes are on top of input_tokens (as when the processor parses).
+    anthropic = usage_from_envoy({"input_tokens": 3.0, "output_tokens": 8.0, "cache_read_input_tokens": 20.0,
+                                  "cache_creation_input_tokens": 2.0}, Schema.ANTHROPIC)
+    assert anthropic is not None and (anthropic.prompt_tokens, anthropic.completion_tokens) == (25, 8)
+    assert anthropic.cached_tokens == 20
+    responses = usage_from_envoy({"input_tokens": 6.0, "output_tokens": 2.0, "output_reasoning_tokens": 1.0},
+                                 Schema.OPENAI)
+    assert responses is not None and (responses.prompt_tokens, responses.reasoning_tokens) == (6, 1)
+    embeddings = usage_from_envoy({"prompt_tokens": 7.0, "total_tokens": 7.0}, Schema.OPENAI)
+    assert embeddings is not None and embeddings.completion_tokens == 0
+    # Half a report (a stream cut after message_start) is no report.
+    assert usage_from_envoy({"input_tokens": 3.0}, Schema.ANTHROPIC) is None
+    assert usage_from_envoy({"response_model": "x"}, Schema.OPENAI) is None
+    assert usage_from_envoy({"prompt_tokens": -1.0, "completion_tokens": 2.0}, Schema.OPENAI) is None
