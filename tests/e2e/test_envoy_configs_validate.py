@@ -80,3 +80,20 @@ def test_observe_variant_is_generated_from_the_main_config() -> None:
     shipped = yaml.safe_load((REPO_ROOT / "envoy" / "envoy.yaml").read_text())
     observe = yaml.safe_load((REPO_ROOT / "envoy" / "envoy-observe.yaml").read_text())
     assert observe == envoy_config.observe_variant(shipped), "regenerate: see the header of envoy-observe.yaml"
+
+
+def test_native_variant_is_generated_from_the_main_config() -> None:
+    import yaml
+
+    shipped = yaml.safe_load((REPO_ROOT / "envoy" / "envoy.yaml").read_text())
+    native = yaml.safe_load((REPO_ROOT / "envoy" / "envoy-native.yaml").read_text())
+    assert native == envoy_config.native_variant(shipped), "regenerate: see the header of envoy-native.yaml"
+
+
+def test_native_variant_asks_envoy_for_every_attribute_the_processor_reads() -> None:
+    from extproc.service import processor
+
+    native = envoy_config.native_variant(envoy_config.render(listen_port=1, admin_port=2, clusters={}))
+    hcm = native["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+    assert set(ext_proc["typed_config"]["request_attributes"]) == set(processor._ATTRIBUTE_HEADERS)

@@ -231,3 +231,38 @@ def test_path_spelling_tricks_are_still_metered_or_refused(stack: Stack) -> None
             assert reply.status in (400, 404), (path, reply.status)
     reply = request(stack.base_url, "POST", "/v1/rerank", body, headers)
     assert reply.status == 404 and reply.json()["error"]["code"] == "unsupported_endpoint"
+
+
+def _anthropic(stack: Stack, *, stream: bool, max_tokens: int):  # type: ignore[no-untyped-def]
+    body = {"model": "claude-test", "max_tokens": max_tokens, "stream": stream,
+            "messages": [{"role": "user", "content": "four words of prompt"}]}
+    return request(stack.base_url, "POST", "/v1/messages", json.dumps(body).encode(),
+                   {"x-api-key": BASIC, "content-type": "application/json", "anthropic-version": "2023-06-01"})
+
+
+def test_anthropic_messages_are_metered_as_reported_streaming_and_not(stack: Stack) -> None:
+    plain = _anthropic(stack, stream=False, max_tokens=11)
+    assert plain.status == 200
+    reported = plain.json()["usage"]
+    rec = _wait_for(lambda: _record(stack, plain.headers["x-tokenmeter-request-id"]))
+    assert rec is not None and rec["usage_source"] == "reported"
+    assert (rec["prompt_tokens"], rec["completion_tokens"]) == (reported["input_tokens"], reported["output_tokens"])
+
+    streamed = _anthropic(stack, stream=True, max_tokens=13)
+    assert streamed.status == 200 and streamed.headers["content-type"].startswith("text/event-stream")
+    events = streamed.sse_data()
+    start = next(e for e in events if e.get("type") == "message_start")
+    delta = [e for e in events if e.get("type") == "message_delta"][-1]
+    rec = _wait_for(lambda: _record(stack, streamed.headers["x-tokenmeter-request-id"]))
+    assert rec is not None and rec["usage_source"] == "reported" and rec["stream"] is True
+    assert rec["prompt_tokens"] == start["message"]["usage"]["input_tokens"]
+    assert rec["completion_tokens"] == delta["usage"]["output_tokens"] == 13
+
+
+def test_a_post_without_a_body_gets_400_and_never_reaches_a_model_server(stack: Stack) -> None:
+    before = {pool: fake_stats(port)["requests"] for pool, port in stack.pool_ports.items()}
+    reply = request(stack.base_url, "POST", "/v1/chat/completions", b"",
+                    {"authorization": f"Bearer {BASIC}", "content-type": "application/json"})
+    assert reply.status == 400
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+    assert {pool: fake_stats(port)["requests"] for pool, port in stack.pool_ports.items()} == before
