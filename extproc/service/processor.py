@@ -6,6 +6,10 @@ Phases, in the order Envoy sends them:
   response headers -> add x-ratelimit-* headers, learn whether the body is an SSE stream
   response body    -> meter each chunk as it passes (answered at once), settle at end of stream
 If the stream ends early (client gone, upstream reset) the reservation is settled at the estimate.
+
+envoy/envoy-native.yaml skips the request headers: the body comes alone, with path, method and
+credentials as Envoy attributes, and is admitted in one reply; the response never comes here
+(Envoy meters it, and its access log settles: extproc.service.access_log).
 """
 
 from __future__ import annotations
