@@ -51,6 +51,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.limiter.memory import InMemoryLimiter
+from extproc.limiter.resp import PipelinedRedis
 from extproc.limiter.types import (
     KIND_BACKEND,
     KIND_POOL,
@@ -234,6 +235,7 @@ class RedisLimiter:
         settle_batch: int = 256,
         settle_timeout_s: float = 2.0,
         flush_timeout_s: float = 10.0,
+        fast: PipelinedRedis | None = None,
     ) -> None:
         if on_failure not in ("fail_open", "fail_closed"):
             raise ValueError(f"on_failure must be 'fail_open' or 'fail_closed', not {on_failure!r}")
@@ -243,6 +245,8 @@ class RedisLimiter:
             raise ValueError("window_scale must be > 0")
         self._adm = admission
         self._bg = background
+        # admission EVALSHAs go over this pipelined connection when given (single node only)
+        self._fast = None if isinstance(admission, RedisCluster) else fast
         self.cluster = isinstance(admission, RedisCluster)
         self._deadline_s = deadline_ms / 1000.0
         self.on_failure: str = on_failure
@@ -297,13 +301,19 @@ class RedisLimiter:
     ) -> RedisLimiter:
         """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``redis+cluster://host:port`` for a
         Redis Cluster (any node). No I/O happens here. Two connection pools: admission (timeouts = the
-        deadline) and settlement (timeouts >= 1 s)."""
+        deadline) and settlement (timeouts >= 1 s); on a single node (plain ``redis://`` or ``unix://``)
+        the admission EVALSHA itself goes over one pipelined connection (extproc.limiter.resp;
+        ``fast=False`` keeps redis-py for it)."""
         deadline_s = deadline_ms / 1000.0
         admission = redis_client(url, timeout_s=deadline_s)
         background = redis_client(url, timeout_s=max(1.0, deadline_s))
+        fast = None
+        if not url.startswith(CLUSTER_SCHEME) and kw.pop("fast", True):
+            fast = PipelinedRedis.from_url(url, connect_timeout_s=deadline_s)
         return cls(
             admission,
             background,
+            fast=fast,
             deadline_ms=deadline_ms,
             on_failure=on_failure,
             replicas_hint=replicas_hint,
@@ -316,7 +326,10 @@ class RedisLimiter:
         """Connect and SCRIPT LOAD both scripts now (optional: the first call loads them on NOSCRIPT)."""
         await self._initialized(self._adm)
         for script in (RESERVE, SETTLE):
-            await _command(self._adm, "SCRIPT LOAD", script.source)
+            if self._fast is not None:  # also opens the admission connection before the first request
+                await self._fast.call("SCRIPT", "LOAD", script.source)
+            else:
+                await _command(self._adm, "SCRIPT LOAD", script.source)
 
     async def _initialized(self, client: Client) -> None:
         if not isinstance(client, RedisCluster) or id(client) in self._ready:
@@ -330,13 +343,19 @@ class RedisLimiter:
         self, client: Client, script: _Script, keys: Sequence[str], args: Sequence[str | int], count: bool
     ) -> Any:
         await self._initialized(client)
+        fast = self._fast if client is self._adm else None
         try:
             if count:
                 self.round_trips += 1
+            if fast is not None:
+                return await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
             return await _command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             if count:
                 self.round_trips += 2
+            if fast is not None:
+                await fast.call("SCRIPT", "LOAD", script.source)
+                return await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
             await _command(client, "SCRIPT LOAD", script.source)
             return await _command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
 
@@ -615,6 +634,8 @@ class RedisLimiter:
             self._worker = None
         await self._adm.aclose()
         await self._bg.aclose()
+        if self._fast is not None:
+            await self._fast.aclose()
 
 
 def _names(raw: Any) -> list[str]:

@@ -1,0 +1,178 @@
+"""A minimal pipelined RESP2 client for the admission call: one connection, no pool, no retries.
+
+redis-py's asyncio client costs about as much CPU per EVALSHA as the rest of our admission code
+(connection-pool checkout, retry wrapper, command packing through several layers). Admission needs
+one command shape on one connection, so this client writes pre-packed commands straight to an
+asyncio transport and matches replies to waiting futures in order (pipelining: concurrent callers
+share the connection). Replies are parsed by hiredis, as with redis-py.
+
+Failure behaviour, as the limiter expects: a caller's deadline (asyncio.timeout around the call)
+cancels only its own future; a late reply for it is read and dropped, so the connection stays in
+step. A lost connection fails every waiting call with ConnectionError and the next call reconnects.
+Error replies raise redis-py's exceptions (NoScriptError for NOSCRIPT), so the caller's handling
+is the same for both clients.
+
+Only plain TCP (``redis://``) and Unix sockets (``unix://``) URLs with an optional password and db;
+anything else (TLS, cluster, other options) keeps redis-py (`PipelinedRedis.from_url` returns None).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+
+def pack(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP2 (an array of bulk strings)."""
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def _error(reply: hiredis.ReplyError) -> ResponseError:
+    text = str(reply)
+    if text.startswith("NOSCRIPT"):
+        return NoScriptError(text)
+    return ResponseError(text)
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self._reader = hiredis.Reader()
+        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while True:
+            reply = self._reader.gets()
+            if reply is False:
+                return
+            if not self.pending:  # a reply nobody asked for: the stream is out of step
+                self._fail(RedisConnectionError("unexpected reply from redis"))
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            fut = self.pending.popleft()
+            if fut.done():  # its caller gave up (deadline): drop the late reply
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(_error(reply))
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._fail(RedisConnectionError(f"redis connection lost: {exc!r}" if exc else "redis connection closed"))
+
+    def _fail(self, exc: Exception) -> None:
+        while self.pending:
+            fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def send(self, payload: bytes) -> asyncio.Future[Any]:
+        if self.transport is None or self.lost:
+            raise RedisConnectionError("redis connection not open")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.pending.append(fut)
+        self.transport.write(payload)
+        return fut
+
+
+@dataclass(frozen=True)
+class Target:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    path: str | None = None  # a Unix socket
+    username: str | None = None
+    password: str | None = None
+    db: int = 0
+
+
+def parse_url(url: str) -> Target | None:
+    """The connection target of a plain ``redis://`` or ``unix://`` URL; None for anything else."""
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    if set(query) - {"db"}:
+        return None
+    try:
+        db = int(query["db"][0]) if "db" in query else 0
+        if parts.scheme == "redis":
+            path_db = parts.path.strip("/")
+            if path_db:
+                db = int(path_db)
+            return Target(host=parts.hostname or "127.0.0.1", port=parts.port or 6379,
+                          username=unquote(parts.username) if parts.username else None,
+                          password=unquote(parts.password) if parts.password else None, db=db)
+        if parts.scheme == "unix" and parts.path:
+            return Target(path=parts.path, username=unquote(parts.username) if parts.username else None,
+                          password=unquote(parts.password) if parts.password else None, db=db)
+    except ValueError:
+        return None
+    return None
+
+
+class PipelinedRedis:
+    """`await client.call("EVALSHA", ...)` over one pipelined connection (see the module doc)."""
+
+    def __init__(self, target: Target, *, connect_timeout_s: float) -> None:
+        self.target = target
+        self._connect_timeout_s = connect_timeout_s
+        self._proto: _Protocol | None = None
+        self._connecting: asyncio.Task[_Protocol] | None = None
+
+    @classmethod
+    def from_url(cls, url: str, *, connect_timeout_s: float) -> PipelinedRedis | None:
+        target = parse_url(url)
+        return None if target is None else cls(target, connect_timeout_s=connect_timeout_s)
+
+    async def call(self, *args: Any) -> Any:
+        proto = self._proto
+        if proto is None or proto.lost:
+            proto = await self._connect()
+        return await proto.send(pack(args))
+
+    async def _connect(self) -> _Protocol:
+        # Concurrent callers share one connection attempt; a caller's deadline does not cancel it.
+        if self._connecting is None or self._connecting.done():
+            self._connecting = asyncio.ensure_future(self._open())
+        return await asyncio.shield(self._connecting)
+
+    async def _open(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        t = self.target
+        async with asyncio.timeout(self._connect_timeout_s):
+            if t.path is not None:
+                transport, proto = await loop.create_unix_connection(_Protocol, t.path)
+            else:
+                transport, proto = await loop.create_connection(_Protocol, t.host, t.port)
+            proto.transport = transport
+            setup = []
+            if t.password is not None:
+                auth = ("AUTH", t.username, t.password) if t.username else ("AUTH", t.password)
+                setup.append(proto.send(pack(auth)))
+            if t.db:
+                setup.append(proto.send(pack(("SELECT", t.db))))
+            for fut in setup:
+                await fut
+        self._proto = proto
+        return proto
+
+    async def aclose(self) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None and proto.transport is not None:
+            proto.transport.close()

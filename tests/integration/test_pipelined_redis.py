@@ -1,0 +1,101 @@
+"""The admission connection (extproc.limiter.resp) against a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
+
+from extproc.devstack.redis_proc import RedisProcess, start_redis_server
+from extproc.limiter.resp import PipelinedRedis, Target, pack, parse_url
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    server = start_redis_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def client(url: str) -> PipelinedRedis:
+    c = PipelinedRedis.from_url(url, connect_timeout_s=1.0)
+    assert c is not None
+    return c
+
+
+def test_commands_are_packed_as_resp_arrays_of_bulk_strings() -> None:
+    assert pack(("SET", "k", 12, b"\x00v")) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$2\r\n\x00v\r\n"
+
+
+def test_only_plain_urls_take_the_pipelined_connection() -> None:
+    assert parse_url("redis://127.0.0.1:7000/2") == Target("127.0.0.1", 7000, db=2)
+    assert parse_url("redis://:s%40cret@cache:6380") == Target("cache", 6380, password="s@cret")
+    assert parse_url("unix:///run/redis.sock?db=3") == Target(path="/run/redis.sock", db=3)
+    for other in ("rediss://host:6379", "redis+cluster://host:7000", "redis://host?health_check_interval=5"):
+        assert parse_url(other) is None
+
+
+async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(own_redis: RedisProcess) -> None:
+    c = client(own_redis.url)
+    try:
+        replies = await asyncio.gather(*(c.call("ECHO", f"m{i}") for i in range(200)))
+        assert replies == [f"m{i}".encode() for i in range(200)]
+        clients = await c.call("CLIENT", "LIST")
+        assert clients.count(b"cmd=client") == 1  # everything went over this one connection
+    finally:
+        await c.aclose()
+
+
+async def test_a_caller_past_its_deadline_does_not_shift_the_replies_of_the_next(own_redis: RedisProcess) -> None:
+    c = client(own_redis.url)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await c.call("DEBUG", "SLEEP", "0.2")
+        assert await c.call("ECHO", "mine") == b"mine"  # not the late "OK" of DEBUG SLEEP
+    finally:
+        await c.aclose()
+
+
+async def test_error_replies_raise_redis_py_exceptions(own_redis: RedisProcess) -> None:
+    c = client(own_redis.url)
+    try:
+        with pytest.raises(NoScriptError):
+            await c.call("EVALSHA", "0" * 40, 0)
+        with pytest.raises(ResponseError):
+            await c.call("NOSUCHCOMMAND")
+        assert await c.call("PING") == b"PONG"
+    finally:
+        await c.aclose()
+
+
+async def test_a_restarted_server_fails_the_call_in_flight_then_reconnects(own_redis: RedisProcess) -> None:
+    c = client(own_redis.url)
+    try:
+        assert await c.call("SET", "k", "v") == b"OK"
+        own_redis.stop()
+        with pytest.raises((RedisConnectionError, OSError)):
+            await c.call("GET", "k")
+        own_redis.restart()
+        assert await c.call("PING") == b"PONG"
+    finally:
+        await c.aclose()
+
+
+def test_it_works_on_uvloop_too(own_redis: RedisProcess) -> None:
+    import uvloop
+
+    async def run() -> list[object]:
+        c = client(own_redis.url)
+        try:
+            async with asyncio.timeout(5):
+                return list(await asyncio.gather(c.call("PING"), c.call("ECHO", "x")))
+        finally:
+            await c.aclose()
+
+    assert uvloop.run(run()) == [b"PONG", b"x"]
