@@ -84,9 +84,16 @@ class ResponseAccounting:
         self.record = record
         self.schema = schema
         self.prompt_estimate = prompt_estimate
-        self.meter = ResponseMeter(schema, record.stream)
+        self._meter: ResponseMeter | None = None
         self.status: int | None = None
         self.done = False
+
+    @property
+    def meter(self) -> ResponseMeter:
+        """Built on first use: with envoy-native.yaml the processor never sees the response."""
+        if self._meter is None:
+            self._meter = ResponseMeter(self.schema, self.record.stream)
+        return self._meter
 
     # -- the request's facts, carried to another stream ---------------------------------------
 
