@@ -177,36 +177,21 @@ class BenchStack(Stack):
         for pool, port in self.pool_ports.items():
             self._wait_http(f"http://127.0.0.1:{port}/healthz", f"model-{pool}")
 
+    def _render(self, source: Path) -> dict[str, Any]:
+        """`source` rendered for loopback as the e2e tests render it (pool breakers raised)."""
+        config = self.render_envoy_config(source, str(self.run_dir / "access.jsonl"))
+        raise_pool_breakers(config)
+        return config
+
     def _start_envoys(self) -> None:
         self.envoy_port, self.admin_port = free_port(), free_port()
         self.alone_port, self.alone_admin_port = free_port(), free_port()
-        full = envoy_config.render(
-            listen_port=self.envoy_port,
-            admin_port=self.admin_port,
-            clusters={
-                "tokenmeter_processor": self.processor_endpoints(),
-                "h100_pool": [Endpoint("127.0.0.1", self.pool_ports["h100"])],
-                "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
-            },
-            access_log_path=str(self.run_dir / "access.jsonl"),
-            source=self.opts.envoy_config,
-        )
-        raise_pool_breakers(full)
+        full = self._render(self.opts.envoy_config)
         # Envoy alone is always the plain shipped config minus ext_proc (envoy-native.yaml's extra
         # filters and processor access log belong to the processor's cost, not to Envoy alone's).
         base = full
         if self.opts.envoy_config != envoy_config.SHIPPED_CONFIG:
-            base = envoy_config.render(
-                listen_port=self.envoy_port,
-                admin_port=self.admin_port,
-                clusters={
-                    "tokenmeter_processor": self.processor_endpoints(),
-                    "h100_pool": [Endpoint("127.0.0.1", self.pool_ports["h100"])],
-                    "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
-                },
-                access_log_path=str(self.run_dir / "access.jsonl"),
-            )
-            raise_pool_breakers(base)
+            base = self._render(envoy_config.SHIPPED_CONFIG)
         alone = without_ext_proc(base)
         alone["admin"]["address"] = Endpoint("127.0.0.1", self.alone_admin_port).to_address()
         alone_listener = alone["static_resources"]["listeners"][0]

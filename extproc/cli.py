@@ -39,7 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from extproc.demo import run_demo
 
-    return run_demo(Path(args.run_dir))
+    return run_demo(Path(args.run_dir), config=args.envoy_config)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run Envoy + processor + Redis + fake model pools and send traffic")
     d.add_argument("--run-dir", default=str(DEMO_DIR), help="where logs and usage records go")
+    d.add_argument("--envoy-config", choices=("envoy", "observe", "native"), default="envoy",
+                   help="which shipped Envoy config: envoy/envoy.yaml (default), envoy-observe.yaml, "
+                   "or envoy-native.yaml (Envoy meters the response; one message per request)")
     d.set_defaults(func=_demo)
 
     r = sub.add_parser("report", help="summarize a usage log per tenant and key")

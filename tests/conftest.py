@@ -30,6 +30,16 @@ def redis_server() -> Iterator[RedisProcess]:
 
 
 @pytest.fixture
+def own_redis() -> Iterator[RedisProcess]:
+    """A redis-server of this test's own, free to be stopped, paused and restarted."""
+    server = start_redis_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisProcess) -> Iterator[str]:
     """The session redis-server's URL, emptied (FLUSHALL) before each test."""
     _flushall(redis_server.url)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from extproc.devstack import commands, envoy_config
 from extproc.devstack.binaries import find_envoy
@@ -165,9 +166,9 @@ class Stack:
             p.stop()
             self.procs.remove(p)
 
-    def _start_envoy(self) -> None:
-        self.envoy_port, self.admin_port = free_port(), free_port()
-        config = envoy_config.render(
+    def render_envoy_config(self, source: Path, access_log_path: str) -> dict[str, Any]:
+        """`source` with this stack's listener, admin port and cluster endpoints."""
+        return envoy_config.render(
             listen_port=self.envoy_port,
             admin_port=self.admin_port,
             clusters={
@@ -175,9 +176,13 @@ class Stack:
                 "h100_pool": [Endpoint("127.0.0.1", self.pool_ports["h100"])],
                 "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
             },
-            access_log_path=str(self.access_log),
-            source=self.opts.envoy_config,
+            access_log_path=access_log_path,
+            source=source,
         )
+
+    def _start_envoy(self) -> None:
+        self.envoy_port, self.admin_port = free_port(), free_port()
+        config = self.render_envoy_config(self.opts.envoy_config, str(self.access_log))
         path = envoy_config.write(config, self.run_dir / "envoy.yaml")
         argv = commands.envoy_argv(config=str(path), concurrency=self.opts.envoy_concurrency)
         # flush the access log file often (Envoy default: 10 s) so tests and the demo can read it

@@ -65,6 +65,7 @@ def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
     acct = ResponseAccounting.from_metadata(admitted.fields)
     if acct is None:
         return False
+    ctx.inflight.done(acct.record.request_id)
     counted = filter_md.get(USAGE_NAMESPACE)
     fields = dict(counted.items()) if counted is not None else {}
     if entry.response.HasField("response_code"):

@@ -40,6 +40,7 @@ from extproc.service.accounting import ResponseAccounting
 from extproc.service.admission import ScopePath, pool_ceilings, reservation_tokens, scope_path
 from extproc.service.errors import error_body
 from extproc.service.identity import identify
+from extproc.service.inflight import Inflight
 from extproc.service.metadata import (
     H_KEY_ID,
     H_POOL,
@@ -85,6 +86,7 @@ class Context:
         self.limiter = limiter
         self.sink = sink
         self.telemetry = telemetry or Telemetry()
+        self.inflight = Inflight()  # admitted here, response accounted for elsewhere, not ended yet
 
     @property
     def policy(self) -> Policy:
@@ -320,6 +322,8 @@ class StreamProcessor:
         s.record.decision = str(metadata["decision"])
         s.accounting = ResponseAccounting(s.record, schema=schema, prompt_estimate=info.prompt_tokens_estimate)
         metadata.update(s.accounting.to_metadata())
+        if s.response_elsewhere:
+            self.ctx.inflight.add(s.request_id)
         return R.request_body(set_headers, remove or (), body=new_body, metadata=metadata, clear_route_cache=True)
 
     async def _reserve(self, tokens: int) -> Decision:
@@ -449,6 +453,7 @@ class StreamProcessor:
         if s.accounting is None or s.settled:
             return {}
         s.settled = True
+        self.ctx.inflight.done(s.accounting.record.request_id)
         return s.accounting.finish(self.ctx.limiter, self.ctx.sink, self.ctx.telemetry, complete=complete)
 
     def close(self, *, graceful: bool = False) -> None:

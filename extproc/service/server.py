@@ -34,6 +34,7 @@ SERVICE_NAME = "envoy.service.ext_proc.v3.ExternalProcessor"
 class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
+        self.open_streams = 0
 
     async def Process(
         self,
@@ -42,6 +43,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
     ) -> AsyncIterator[pb.ProcessingResponse]:
         proc = StreamProcessor(self.ctx)
         graceful = False
+        self.open_streams += 1
         try:
             async for request in request_iterator:
                 if request.observability_mode:
@@ -55,7 +57,32 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     return  # the response is metered elsewhere: free this stream now
             graceful = True  # Envoy half-closed: the exchange ended normally, not by a reset
         finally:
+            self.open_streams -= 1
             proc.close(graceful=graceful)
+
+
+# Envoy's access log stream (envoy/envoy-native.yaml) never ends by itself. Once every request
+# admitted here has ended, wait this long for stray entries, then end the stream instead of holding
+# shutdown for the whole grace period.
+ACCESS_LOG_LINGER_S = 0.3
+
+
+async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s: float) -> None:
+    """Stop taking calls; let open ext_proc streams finish and the requests admitted here end (their
+    access log entries arrive: envoy-native.yaml), within the grace period; then stop."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    stopping = asyncio.ensure_future(server.stop(grace_s))  # no new calls; open ones may finish
+    inflight = processor.ctx.inflight
+    # Polled (ASYNC110): two counters owned by other code paths, every 20 ms, during shutdown only.
+    while (processor.open_streams or len(inflight)) and not stopping.done() and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    linger = min(ACCESS_LOG_LINGER_S, max(0.0, deadline - loop.time()))
+    try:
+        await asyncio.wait_for(asyncio.shield(stopping), linger)
+    except TimeoutError:
+        await server.stop(0)  # cancels what is left: the access log stream
+    await stopping
 
 
 @dataclass(frozen=True)
@@ -110,7 +137,8 @@ async def serve(opts: ServeOptions) -> None:
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_ExternalProcessorServicer_to_server(ExternalProcessor(ctx), server)
+    processor = ExternalProcessor(ctx)
+    pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
     # envoy/envoy-native.yaml: requests end (and settle) through Envoy's gRPC access log.
     als_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(ctx), server)
     health_servicer = health.aio.HealthServicer()
@@ -136,7 +164,7 @@ async def serve(opts: ServeOptions) -> None:
     log.info("shutting down: draining open streams (grace %.1fs)", opts.grace_seconds)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(opts.grace_seconds)
+    await _drain(server, processor, opts.grace_seconds)
     reload_task.cancel()
     await limiter.flush()
     await limiter.aclose()

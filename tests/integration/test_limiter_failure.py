@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
-import pytest
 from redis.asyncio import Redis
 
-from extproc.devstack.redis_proc import RedisProcess, start_redis_server
+from extproc.devstack.redis_proc import RedisProcess
 from extproc.limiter import RedisLimiter, Reservation, ScopeLimit
 from extproc.limiter.redis_backend import scope_keys
 
 TENANT = "acme"
 SCOPE = ScopeLimit("key:acme-web", tokens_per_minute=1000)
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    """A redis-server of this test's own, free to be stopped, paused and restarted."""
-    server = start_redis_server()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def reservation(rid: str, tokens: int, scope: ScopeLimit = SCOPE) -> Reservation:

@@ -3,23 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
-from extproc.devstack.redis_proc import RedisProcess, start_redis_server
+from extproc.devstack.redis_proc import RedisProcess
 from extproc.limiter.resp import PipelinedRedis, Target, pack, parse_url
-
-
-@pytest.fixture
-def own_redis() -> Iterator[RedisProcess]:
-    server = start_redis_server()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def client(url: str) -> PipelinedRedis:

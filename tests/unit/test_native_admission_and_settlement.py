@@ -15,10 +15,10 @@ from google.protobuf import struct_pb2
 from extproc.limiter.types import Decision, Reservation
 from extproc.metering.request import Schema
 from extproc.policy import load_policy
-from extproc.records.record import UsageRecord
 from extproc.service.access_log import AccessLogReceiver, settle_entry
 from extproc.service.metadata import NAMESPACE, SETTLE_LOG_NAME, USAGE_NAMESPACE
 from extproc.service.processor import Context, FixedPolicy, StreamProcessor
+from tests.unit.recorders import ListSink
 
 POLICY = Path(__file__).parents[1] / "e2e" / "policy.yaml"
 ATTRS = "envoy.filters.http.ext_proc"
@@ -42,14 +42,6 @@ class RecordingLimiter:
     async def flush(self) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
-
-    def emit(self, record: UsageRecord) -> None:
-        self.records.append(record)
 
 
 def _context(allow: bool = True) -> tuple[Context, RecordingLimiter, ListSink]:
@@ -241,3 +233,27 @@ def test_reported_usage_is_read_back_per_schema() -> None:
     assert usage_from_envoy({"input_tokens": 3.0}, Schema.ANTHROPIC) is None
     assert usage_from_envoy({"response_model": "x"}, Schema.OPENAI) is None
     assert usage_from_envoy({"prompt_tokens": -1.0, "completion_tokens": 2.0}, Schema.OPENAI) is None
+
+
+async def test_a_request_is_in_flight_from_admission_until_its_access_log_entry() -> None:
+    ctx, _, _ = _context()
+    admission = await StreamProcessor(ctx).handle(body_only(CHAT))
+    assert len(ctx.inflight) == 1  # a draining processor waits for it
+    settle_entry(ctx, access_log_entry(admission, usage={"prompt_tokens": 1, "completion_tokens": 1}))
+    assert len(ctx.inflight) == 0
+
+
+def test_in_flight_entries_are_forgotten_by_age_and_by_count() -> None:
+    from extproc.service.inflight import Inflight
+
+    now = [0.0]
+    table = Inflight(max_age_s=10, max_entries=3, clock=lambda: now[0])
+    for i in range(3):
+        table.add(f"r{i}")
+    table.add("r3")  # over the count: the oldest goes
+    assert len(table) == 3
+    table.done("r1")
+    assert len(table) == 2
+    now[0] = 11.0
+    table.add("r4")  # r2 and r3 are past their age
+    assert len(table) == 1

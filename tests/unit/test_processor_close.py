@@ -11,8 +11,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.limiter.types import Decision, Reservation
 from extproc.policy import load_policy
-from extproc.records.record import UsageRecord
 from extproc.service.processor import Context, FixedPolicy, StreamProcessor
+from tests.unit.recorders import ListSink
 
 POLICY = Path(__file__).parents[1] / "e2e" / "policy.yaml"
 
@@ -33,14 +33,6 @@ class HangingLimiter:
     async def flush(self) -> None: ...
 
     async def aclose(self) -> None: ...
-
-
-class ListSink:
-    def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
-
-    def emit(self, record: UsageRecord) -> None:
-        self.records.append(record)
 
 
 def _headers_message(pairs: dict[str, str]) -> pb.ProcessingRequest:
