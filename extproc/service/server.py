@@ -62,26 +62,35 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 
 
 # Envoy's access log stream (envoy/envoy-native.yaml) never ends by itself. Once every request
-# admitted here has ended, wait this long for stray entries, then end the stream instead of holding
-# shutdown for the whole grace period.
+# admitted here has ended, wait this long for stray entries (Envoy flushes every 0.1 s there), then
+# stop instead of holding shutdown for the whole grace period.
 ACCESS_LOG_LINGER_S = 0.3
 
 
 async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s: float) -> None:
-    """Stop taking calls; let open ext_proc streams finish and the requests admitted here end (their
-    access log entries arrive: envoy-native.yaml), within the grace period; then stop."""
+    """Shut down within `grace_s` without losing what was admitted here.
+
+    Requests whose response is accounted for elsewhere (envoy-native.yaml: Envoy's access log) end
+    in an access log entry that can only arrive while this server still serves: Envoy ends its
+    access log stream as soon as the server stops (GOAWAY). So while such requests are in flight
+    the server keeps serving (it reports NOT_SERVING; new requests are still answered until Envoy
+    stops sending them), then it stops taking calls, lets open ext_proc streams finish, and ends
+    the access log stream once they have.
+    """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
-    stopping = asyncio.ensure_future(server.stop(grace_s))  # no new calls; open ones may finish
     inflight = processor.ctx.inflight
-    # Polled (ASYNC110): two counters owned by other code paths, every 20 ms, during shutdown only.
-    while (processor.open_streams or len(inflight)) and not stopping.done() and loop.time() < deadline:  # noqa: ASYNC110
+    # Polled (ASYNC110): counters owned by other code paths, every 20 ms, during shutdown only.
+    while len(inflight) and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
-    linger = min(ACCESS_LOG_LINGER_S, max(0.0, deadline - loop.time()))
-    try:
-        await asyncio.wait_for(asyncio.shield(stopping), linger)
-    except TimeoutError:
-        await server.stop(0)  # cancels what is left: the access log stream
+    if len(inflight):
+        log.warning("drain: %d requests admitted here had not ended after the grace period", len(inflight))
+    await asyncio.sleep(min(ACCESS_LOG_LINGER_S, max(0.0, deadline - loop.time())))  # stray entries
+    stopping = asyncio.ensure_future(server.stop(max(0.0, deadline - loop.time())))
+    while processor.open_streams and not stopping.done() and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    if not stopping.done():
+        await server.stop(0)  # ends what is left: the access log stream
     await stopping
 
 

@@ -62,18 +62,18 @@ def test_health_service_reports_serving(own_stack: Stack) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_sigterm_lets_an_open_stream_finish_and_flushes_its_record(own_stack: Stack) -> None:
+def test_sigterm_lets_an_open_stream_finish_and_flushes_its_record(each_config_stack: Stack) -> None:
     result: list[Reply] = []
     slow = threading.Thread(
         target=lambda: result.append(
-            chat(own_stack.base_url, BASIC, stream=True, max_tokens=20,
+            chat(each_config_stack.base_url, BASIC, stream=True, max_tokens=20,
                  extra_headers={"x-fake-chunk-delay-ms": "50"})
         )
     )
     slow.start()
     time.sleep(0.3)  # the stream is open and mid-way (20 chunks x 50 ms)
     sent_at = time.monotonic()
-    proc = own_stack.proc("processor")
+    proc = each_config_stack.proc("processor")
     proc.popen.send_signal(signal.SIGTERM)
     slow.join(timeout=15)
     assert proc.popen.wait(timeout=15) == 0
@@ -83,7 +83,7 @@ def test_sigterm_lets_an_open_stream_finish_and_flushes_its_record(own_stack: St
     assert result and result[0].status == 200
     usage = [c["usage"] for c in result[0].sse_data() if c.get("usage")]
     assert usage and usage[-1]["completion_tokens"] == 20
-    rec = _wait_record(own_stack, result[0].headers["x-tokenmeter-request-id"])
+    rec = _wait_record(each_config_stack, result[0].headers["x-tokenmeter-request-id"])
     assert rec["completion_tokens"] == 20 and rec["usage_source"] == "reported"
 
 
