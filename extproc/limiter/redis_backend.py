@@ -236,6 +236,7 @@ class RedisLimiter:
         settle_timeout_s: float = 2.0,
         flush_timeout_s: float = 10.0,
         fast: PipelinedRedis | None = None,
+        fast_background: PipelinedRedis | None = None,
     ) -> None:
         if on_failure not in ("fail_open", "fail_closed"):
             raise ValueError(f"on_failure must be 'fail_open' or 'fail_closed', not {on_failure!r}")
@@ -247,6 +248,7 @@ class RedisLimiter:
         self._bg = background
         # admission EVALSHAs go over this pipelined connection when given (single node only)
         self._fast = None if isinstance(admission, RedisCluster) else fast
+        self._fast_bg = None if isinstance(background, RedisCluster) else fast_background
         self.cluster = isinstance(admission, RedisCluster)
         self._deadline_s = deadline_ms / 1000.0
         self.on_failure: str = on_failure
@@ -307,13 +309,15 @@ class RedisLimiter:
         deadline_s = deadline_ms / 1000.0
         admission = redis_client(url, timeout_s=deadline_s)
         background = redis_client(url, timeout_s=max(1.0, deadline_s))
-        fast = None
+        fast = fast_bg = None
         if not url.startswith(CLUSTER_SCHEME) and kw.pop("fast", True):
             fast = PipelinedRedis.from_url(url, connect_timeout_s=deadline_s)
+            fast_bg = PipelinedRedis.from_url(url, connect_timeout_s=max(1.0, deadline_s))
         return cls(
             admission,
             background,
             fast=fast,
+            fast_background=fast_bg,
             deadline_ms=deadline_ms,
             on_failure=on_failure,
             replicas_hint=replicas_hint,
@@ -343,7 +347,7 @@ class RedisLimiter:
         self, client: Client, script: _Script, keys: Sequence[str], args: Sequence[str | int], count: bool
     ) -> Any:
         await self._initialized(client)
-        fast = self._fast if client is self._adm else None
+        fast = self._fast if client is self._adm else self._fast_bg if client is self._bg else None
         try:
             if count:
                 self.round_trips += 1
@@ -584,11 +588,7 @@ class RedisLimiter:
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for attempt in range(2):
-            pipe = self._bg.pipeline(transaction=False)
-            for i in pending:
-                key, actual, mode = calls[i]
-                pipe.execute_command("EVALSHA", SETTLE.sha, 1, key, actual, mode)
-            replies = await pipe.execute(raise_on_error=False)
+            replies = await self._send_settles([calls[i] for i in pending])
             again = []
             for i, reply in zip(pending, replies, strict=True):
                 if isinstance(reply, NoScriptError) and attempt == 0:
@@ -602,9 +602,21 @@ class RedisLimiter:
                     results[i] = reply
             if not again:
                 break
-            await _command(self._bg, "SCRIPT LOAD", SETTLE.source)
+            if self._fast_bg is not None:
+                await self._fast_bg.call("SCRIPT", "LOAD", SETTLE.source)
+            else:
+                await _command(self._bg, "SCRIPT LOAD", SETTLE.source)
             pending = again
         return results
+
+    async def _send_settles(self, calls: list[tuple[str, int, str]]) -> list[Any]:
+        """settle.lua for each call in one round trip: replies or error-reply exceptions, in order."""
+        if self._fast_bg is not None:
+            return await self._fast_bg.call_many([("EVALSHA", SETTLE.sha, 1, k, a, m) for k, a, m in calls])
+        pipe = self._bg.pipeline(transaction=False)
+        for key, actual, mode in calls:
+            pipe.execute_command("EVALSHA", SETTLE.sha, 1, key, actual, mode)
+        return list(await pipe.execute(raise_on_error=False))
 
     async def flush(self) -> None:
         """Wait until every queued settlement reached Redis (at most ``flush_timeout_s``)."""
@@ -634,8 +646,9 @@ class RedisLimiter:
             self._worker = None
         await self._adm.aclose()
         await self._bg.aclose()
-        if self._fast is not None:
-            await self._fast.aclose()
+        for fast in (self._fast, self._fast_bg):
+            if fast is not None:
+                await fast.aclose()
 
 
 def _names(raw: Any) -> list[str]:

@@ -84,6 +84,15 @@ class _Protocol(asyncio.Protocol):
             if not fut.done():
                 fut.set_exception(exc)
 
+    def send_many(self, payloads: list[bytes]) -> list[asyncio.Future[Any]]:
+        if self.transport is None or self.lost:
+            raise RedisConnectionError("redis connection not open")
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in payloads]
+        self.pending.extend(futures)
+        self.transport.write(b"".join(payloads))
+        return futures
+
     def send(self, payload: bytes) -> asyncio.Future[Any]:
         if self.transport is None or self.lost:
             raise RedisConnectionError("redis connection not open")
@@ -145,6 +154,19 @@ class PipelinedRedis:
         if proto is None or proto.lost:
             proto = await self._connect()
         return await proto.send(pack(args))
+
+    async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Several commands in one write; each reply, or the exception of an error reply, in order.
+        A lost connection raises (every command of the batch may or may not have run)."""
+        proto = self._proto
+        if proto is None or proto.lost:
+            proto = await self._connect()
+        futures = proto.send_many([pack(c) for c in commands])
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        for r in results:
+            if isinstance(r, RedisConnectionError | OSError | asyncio.CancelledError):
+                raise r
+        return results
 
     async def _connect(self) -> _Protocol:
         # Concurrent callers share one connection attempt; a caller's deadline does not cancel it.

@@ -89,3 +89,16 @@ def test_it_works_on_uvloop_too(own_redis: RedisProcess) -> None:
             await c.aclose()
 
     assert uvloop.run(run()) == [b"PONG", b"x"]
+
+
+async def test_a_batch_goes_in_one_write_and_keeps_each_reply_or_error_in_place(own_redis: RedisProcess) -> None:
+    c = client(own_redis.url)
+    try:
+        replies = await c.call_many([("SET", "a", "1"), ("EVALSHA", "0" * 40, 0), ("INCR", "a"), ("NOSUCH",)])
+        assert replies[0] == b"OK" and replies[2] == 2
+        assert isinstance(replies[1], NoScriptError) and isinstance(replies[3], ResponseError)
+        own_redis.stop()
+        with pytest.raises((RedisConnectionError, OSError)):
+            await c.call_many([("GET", "a"), ("GET", "a")])
+    finally:
+        await c.aclose()
