@@ -116,7 +116,7 @@ def run_demo(run_dir: Path = DEMO_DIR, config: str = "envoy") -> int:
         print()
         print(format_table(summarize(read_records(stack.usage_log))))
         print()
-        print("Envoy's access log, last admitted request (attribution and tokens from the processor):")
+        print("Envoy's access log, last admitted request (attribution and token counts from dynamic metadata):")
         admitted = [e for e in stack.access_log_entries() if e.get("decision") == "admitted"]
         if admitted:
             print("  " + json.dumps(admitted[-1], sort_keys=True))

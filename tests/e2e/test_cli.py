@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from extproc.devstack.stack import DEFAULT_POLICY
 
 TOKENMETER = str(Path(sys.executable).parent / "tokenmeter")
@@ -47,8 +49,9 @@ def test_hash_key_prints_the_sha256_the_policy_stores() -> None:
     assert digest in DEFAULT_POLICY.read_text()
 
 
-def test_demo_runs_the_stack_and_prints_the_usage_table(tmp_path: Path) -> None:
-    result = _run("demo", "--run-dir", str(tmp_path / "demo"), timeout=180)
+@pytest.mark.parametrize("config", ["envoy", "native"])
+def test_demo_runs_the_stack_and_prints_the_usage_table(tmp_path: Path, config: str) -> None:
+    result = _run("demo", "--run-dir", str(tmp_path / "demo"), "--envoy-config", config, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith(("acme ", "globex "))}
@@ -57,6 +60,8 @@ def test_demo_runs_the_stack_and_prints_the_usage_table(tmp_path: Path) -> None:
     assert "401x3" in out
     assert re.search(r"\(unknown\)\s+\(unknown key\)\s+0\s+0\s+3", out)
     assert "cheap=" in out and "h100=" in out
+    admitted = sum(int(r[2]) for r in rows.values())
+    assert admitted > 0 and all(int(r[6]) > 0 for r in rows.values()), "completion tokens metered for every key"
     report = _run("report", str(tmp_path / "demo" / "usage.jsonl"))
     assert report.returncode == 0
     assert "acme-chatbot-web" in report.stdout
