@@ -12,6 +12,7 @@ Only a log named SETTLE_LOG_NAME settles: any other access log pointed here is r
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,6 +21,7 @@ from envoy.service.accesslog.v3 import als_pb2 as als
 from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
 
 from extproc.metering.envoy_usage import response_model, usage_from_envoy
+from extproc.records.record import UsageRecord
 from extproc.service.accounting import ResponseAccounting
 from extproc.service.metadata import NAMESPACE, SETTLE_LOG_NAME, USAGE_NAMESPACE
 from extproc.service.processor import Context
@@ -54,13 +56,37 @@ def _duration_ms(props: alog.AccessLogCommon) -> float | None:
     return float(props.time_to_last_downstream_tx_byte.ToNanoseconds()) / 1e6
 
 
+def _record_unseen(ctx: Context, entry: alog.HTTPAccessLogEntry) -> None:
+    """A request Envoy answered itself before the processor saw it (a POST without a body, a body
+    over Envoy's buffer, ...): no caller is known and nothing was reserved, but it gets its record,
+    as it would with envoy.yaml (where the processor sees every request's headers)."""
+    props = entry.common_properties
+    started = props.start_time.ToNanoseconds() / 1e9 if props.HasField("start_time") else time.time()
+    status = entry.response.response_code.value if entry.response.HasField("response_code") else None
+    rec = UsageRecord(
+        request_id=entry.request.request_id or f"envoy-{time.time_ns():x}",
+        time=started,
+        decision="refused_by_envoy" if status is None or status >= 400 else "not_governed",
+        policy_version=ctx.policy.version,
+        path=entry.request.path.split("?", 1)[0] or None,
+        status=status or None,
+        duration_ms=_duration_ms(props) or 0.0,
+    )
+    if rec.decision == "not_governed":  # the routes of envoy-native.yaml should make this impossible
+        log.warning("a request reached status %s without the processor (path %s)", status, rec.path)
+    ctx.sink.emit(rec)
+    ctx.telemetry.refusal(None, rec.decision)
+
+
 def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
     """Settle and record one request from its access log entry; False when there was nothing to
-    settle (refused, unmetered, or not admitted by this project's processor)."""
+    settle (refused or unmetered: recorded by the processor already; or never seen by it: recorded
+    here as `refused_by_envoy`)."""
     props = entry.common_properties
     filter_md = props.metadata.filter_metadata
     admitted = filter_md.get(NAMESPACE)
     if admitted is None:
+        _record_unseen(ctx, entry)
         return False
     acct = ResponseAccounting.from_metadata(admitted.fields)
     if acct is None:

@@ -259,10 +259,23 @@ def test_anthropic_messages_are_metered_as_reported_streaming_and_not(stack: Sta
     assert rec["completion_tokens"] == delta["usage"]["output_tokens"] == 13
 
 
+def _records_count(stack: Stack) -> int:
+    return len(stack.usage_log.read_text().splitlines()) if stack.usage_log.exists() else 0
+
+
 def test_a_post_without_a_body_gets_400_and_never_reaches_a_model_server(stack: Stack) -> None:
     before = {pool: fake_stats(port)["requests"] for pool, port in stack.pool_ports.items()}
+    records = _records_count(stack)
     reply = request(stack.base_url, "POST", "/v1/chat/completions", b"",
                     {"authorization": f"Bearer {BASIC}", "content-type": "application/json"})
     assert reply.status == 400
     assert reply.json()["error"]["type"] == "invalid_request_error"
     assert {pool: fake_stats(port)["requests"] for pool, port in stack.pool_ports.items()} == before
+    # and it has its usage record, whether the processor (envoy.yaml) or Envoy (envoy-native.yaml) refused it
+    def refusal_record() -> dict[str, object] | None:
+        new = [json.loads(line) for line in stack.usage_log.read_text().splitlines()[records:]]
+        return next((r for r in new if r["status"] == 400 and r["decision"] in ("bad_request", "refused_by_envoy")),
+                    None)
+
+    rec = _wait_for(refusal_record)
+    assert rec is not None and rec["completion_tokens"] == 0 and rec["reserved_tokens"] == 0

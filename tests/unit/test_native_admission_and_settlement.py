@@ -175,12 +175,24 @@ async def test_a_complete_body_without_usage_is_estimated_within_the_reservation
     assert sink.records[0].usage_source == "estimated"
 
 
-async def test_entries_of_refused_or_foreign_requests_settle_nothing() -> None:
+async def test_entries_of_refused_requests_settle_nothing_and_add_no_record() -> None:
     ctx, limiter, sink = _context()
     refused = await StreamProcessor(ctx).handle(body_only(CHAT, key=None))
     assert not settle_entry(ctx, access_log_entry(refused))
-    assert not settle_entry(ctx, alog.HTTPAccessLogEntry())  # not through this processor at all
     assert limiter.settled == [] and len(sink.records) == 1  # only the refusal's own record
+
+
+def test_a_request_envoy_answered_itself_gets_an_unattributed_record() -> None:
+    ctx, limiter, sink = _context()
+    entry = alog.HTTPAccessLogEntry()  # no tokenmeter metadata: the processor never saw it
+    entry.request.path = "/v1/chat/completions?x=1"
+    entry.request.request_id = "envoy-rid-1"
+    entry.response.response_code.value = 400
+    assert not settle_entry(ctx, entry)
+    (rec,) = sink.records
+    assert (rec.request_id, rec.decision, rec.status, rec.path, rec.tenant) == (
+        "envoy-rid-1", "refused_by_envoy", 400, "/v1/chat/completions", None)
+    assert limiter.settled == []
 
 
 async def test_only_the_settle_log_settles_and_a_bad_entry_does_not_drop_the_batch() -> None:
