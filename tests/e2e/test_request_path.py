@@ -273,6 +273,8 @@ def test_a_post_without_a_body_gets_400_and_never_reaches_a_model_server(stack: 
     assert {pool: fake_stats(port)["requests"] for pool, port in stack.pool_ports.items()} == before
     # and it has its usage record, whether the processor (envoy.yaml) or Envoy (envoy-native.yaml) refused it
     def refusal_record() -> dict[str, object] | None:
+        if not stack.usage_log.exists():
+            return None
         new = [json.loads(line) for line in stack.usage_log.read_text().splitlines()[records:]]
         return next((r for r in new if r["status"] == 400 and r["decision"] in ("bad_request", "refused_by_envoy")),
                     None)
