@@ -20,6 +20,18 @@ def _wait_for(predicate, timeout: float = 5.0):  # type: ignore[no-untyped-def]
         time.sleep(0.05)
 
 
+def _records_count(stack: Stack) -> int:
+    return len(stack.usage_log.read_text().splitlines()) if stack.usage_log.exists() else 0
+
+
+def _new_record(stack: Stack, after: int, match) -> dict[str, object] | None:  # type: ignore[no-untyped-def]
+    """The first usage record written after the first `after` ones that `match`es."""
+    if not stack.usage_log.exists():
+        return None
+    new = [json.loads(line) for line in stack.usage_log.read_text().splitlines()[after:]]
+    return next((r for r in new if match(r)), None)
+
+
 def _record(stack: Stack, request_id: str) -> dict[str, object] | None:
     if not stack.usage_log.exists():
         return None
@@ -203,10 +215,15 @@ def test_alert_action_lets_requests_through_and_records_the_event(stack: Stack) 
 
 
 def test_body_over_envoys_buffer_gets_the_same_json_413(stack: Stack) -> None:
+    records = _records_count(stack)
     reply = chat(stack.base_url, BASIC, text="x" * (5 * 1024 * 1024))  # beyond the 4 MiB listener buffer
     assert reply.status == 413
     assert reply.headers["content-type"].startswith("application/json")
     assert reply.json()["error"]["code"] == "request_too_large"
+    if stack.opts.envoy_config.name == "envoy-observe.yaml":
+        return  # known gap: there Envoy may reset the stream before the processor has read the headers
+    # recorded too: "aborted" by the processor (it saw the headers), or "refused_by_envoy" (envoy-native.yaml)
+    assert _wait_for(lambda: _new_record(stack, records, lambda r: r["decision"] in ("aborted", "refused_by_envoy")))
 
 
 def test_upstream_error_with_no_body_is_recorded_and_not_charged(stack: Stack) -> None:
@@ -259,8 +276,6 @@ def test_anthropic_messages_are_metered_as_reported_streaming_and_not(stack: Sta
     assert rec["completion_tokens"] == delta["usage"]["output_tokens"] == 13
 
 
-def _records_count(stack: Stack) -> int:
-    return len(stack.usage_log.read_text().splitlines()) if stack.usage_log.exists() else 0
 
 
 def test_a_post_without_a_body_gets_400_and_never_reaches_a_model_server(stack: Stack) -> None:
@@ -272,12 +287,6 @@ def test_a_post_without_a_body_gets_400_and_never_reaches_a_model_server(stack: 
     assert reply.json()["error"]["type"] == "invalid_request_error"
     assert {pool: fake_stats(port)["requests"] for pool, port in stack.pool_ports.items()} == before
     # and it has its usage record, whether the processor (envoy.yaml) or Envoy (envoy-native.yaml) refused it
-    def refusal_record() -> dict[str, object] | None:
-        if not stack.usage_log.exists():
-            return None
-        new = [json.loads(line) for line in stack.usage_log.read_text().splitlines()[records:]]
-        return next((r for r in new if r["status"] == 400 and r["decision"] in ("bad_request", "refused_by_envoy")),
-                    None)
-
-    rec = _wait_for(refusal_record)
+    rec = _wait_for(lambda: _new_record(
+        stack, records, lambda r: r["status"] == 400 and r["decision"] in ("bad_request", "refused_by_envoy")))
     assert rec is not None and rec["completion_tokens"] == 0 and rec["reserved_tokens"] == 0
