@@ -19,6 +19,8 @@ anything else (TLS, cluster, other options) keeps redis-py (`PipelinedRedis.from
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, cast
@@ -49,6 +51,7 @@ class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
         self.pending: deque[asyncio.Future[Any]] = deque()
+        self.sent_at: deque[float] = deque()  # when each pending command was written (monotonic)
         self.transport: asyncio.Transport | None = None
         self.lost = False
 
@@ -67,6 +70,7 @@ class _Protocol(asyncio.Protocol):
                     self.transport.close()
                 return
             fut = self.pending.popleft()
+            self.sent_at.popleft()
             if fut.done():  # its caller gave up (deadline): drop the late reply
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -79,10 +83,21 @@ class _Protocol(asyncio.Protocol):
         self._fail(RedisConnectionError(f"redis connection lost: {exc!r}" if exc else "redis connection closed"))
 
     def _fail(self, exc: Exception) -> None:
+        self.sent_at.clear()
         while self.pending:
             fut = self.pending.popleft()
             if not fut.done():
                 fut.set_exception(exc)
+
+    def oldest_wait_s(self) -> float:
+        return time.monotonic() - self.sent_at[0] if self.sent_at else 0.0
+
+    def abort(self) -> None:
+        """Give up on this connection: fail every waiting call; the next call reconnects."""
+        self.lost = True
+        self._fail(RedisConnectionError("redis connection stalled: closed"))
+        if self.transport is not None:
+            self.transport.abort()
 
     def send_many(self, payloads: list[bytes]) -> list[asyncio.Future[Any]]:
         if self.transport is None or self.lost:
@@ -90,6 +105,8 @@ class _Protocol(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in payloads]
         self.pending.extend(futures)
+        now = time.monotonic()
+        self.sent_at.extend(now for _ in payloads)
         self.transport.write(b"".join(payloads))
         return futures
 
@@ -98,6 +115,7 @@ class _Protocol(asyncio.Protocol):
             raise RedisConnectionError("redis connection not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.pending.append(fut)
+        self.sent_at.append(time.monotonic())
         self.transport.write(payload)
         return fut
 
@@ -138,22 +156,34 @@ def parse_url(url: str) -> Target | None:
 class PipelinedRedis:
     """`await client.call("EVALSHA", ...)` over one pipelined connection (see the module doc)."""
 
-    def __init__(self, target: Target, *, connect_timeout_s: float) -> None:
+    def __init__(self, target: Target, *, connect_timeout_s: float, stall_s: float = 1.0) -> None:
         self.target = target
         self._connect_timeout_s = connect_timeout_s
+        self._stall_s = stall_s
         self._proto: _Protocol | None = None
         self._connecting: asyncio.Task[_Protocol] | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, connect_timeout_s: float) -> PipelinedRedis | None:
+    def from_url(cls, url: str, *, connect_timeout_s: float, stall_s: float = 1.0) -> PipelinedRedis | None:
         target = parse_url(url)
-        return None if target is None else cls(target, connect_timeout_s=connect_timeout_s)
+        return None if target is None else cls(target, connect_timeout_s=connect_timeout_s, stall_s=stall_s)
 
     async def call(self, *args: Any) -> Any:
         proto = self._proto
         if proto is None or proto.lost:
             proto = await self._connect()
-        return await proto.send(pack(args))
+        try:
+            return await proto.send(pack(args))
+        except asyncio.CancelledError:
+            self._check_stalled(proto)
+            raise
+
+    def _check_stalled(self, proto: _Protocol) -> None:
+        """A caller gave up (its deadline). If the oldest command on the connection has waited
+        longer than `stall_s`, the connection is dead without having said so (a silently dropped
+        NAT/LB flow, a vanished host): drop it rather than queue behind it until TCP gives up."""
+        if not proto.lost and proto.oldest_wait_s() > self._stall_s:
+            proto.abort()
 
     async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Several commands in one write; each reply, or the exception of an error reply, in order.
@@ -162,7 +192,11 @@ class PipelinedRedis:
         if proto is None or proto.lost:
             proto = await self._connect()
         futures = proto.send_many([pack(c) for c in commands])
-        results = await asyncio.gather(*futures, return_exceptions=True)
+        try:
+            results = await asyncio.gather(*futures, return_exceptions=True)
+        except asyncio.CancelledError:
+            self._check_stalled(proto)
+            raise
         for r in results:
             if isinstance(r, RedisConnectionError | OSError | asyncio.CancelledError):
                 raise r
@@ -177,20 +211,29 @@ class PipelinedRedis:
     async def _open(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         t = self.target
-        async with asyncio.timeout(self._connect_timeout_s):
-            if t.path is not None:
-                transport, proto = await loop.create_unix_connection(_Protocol, t.path)
-            else:
-                transport, proto = await loop.create_connection(_Protocol, t.host, t.port)
-            proto.transport = transport
-            setup = []
-            if t.password is not None:
-                auth = ("AUTH", t.username, t.password) if t.username else ("AUTH", t.password)
-                setup.append(proto.send(pack(auth)))
-            if t.db:
-                setup.append(proto.send(pack(("SELECT", t.db))))
-            for fut in setup:
-                await fut
+        transport: asyncio.Transport | None = None
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                if t.path is not None:
+                    transport, proto = await loop.create_unix_connection(_Protocol, t.path)
+                else:
+                    transport, proto = await loop.create_connection(_Protocol, t.host, t.port)
+                    sock = transport.get_extra_info("socket")
+                    if sock is not None:  # notice a peer that vanished while the connection idles
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                proto.transport = transport
+                setup = []
+                if t.password is not None:
+                    auth = ("AUTH", t.username, t.password) if t.username else ("AUTH", t.password)
+                    setup.append(proto.send(pack(auth)))
+                if t.db:
+                    setup.append(proto.send(pack(("SELECT", t.db))))
+                for fut in setup:
+                    await fut
+        except BaseException:
+            if transport is not None:  # AUTH/SELECT refused or timed out: never leak the socket
+                transport.close()
+            raise
         self._proto = proto
         return proto
 

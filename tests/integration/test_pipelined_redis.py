@@ -102,3 +102,43 @@ async def test_a_batch_goes_in_one_write_and_keeps_each_reply_or_error_in_place(
             await c.call_many([("GET", "a"), ("GET", "a")])
     finally:
         await c.aclose()
+
+
+async def test_a_connection_that_stops_answering_is_dropped_and_the_next_call_reconnects(
+    own_redis: RedisProcess,
+) -> None:
+    c = PipelinedRedis.from_url(own_redis.url, connect_timeout_s=1.0, stall_s=0.2)
+    assert c is not None
+    try:
+        assert await c.call("PING") == b"PONG"
+        # the connection's replies stop coming (as when a NAT drops the flow): DEBUG SLEEP blocks it
+        for _ in range(4):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await c.call("DEBUG", "SLEEP", "1")
+        await asyncio.sleep(1.2)  # the server is answering again
+        assert await c.call("ECHO", "fresh") == b"fresh"
+        for _ in range(20):  # the stalled connection was closed, not kept beside the new one
+            if (await c.call("CLIENT", "LIST")).count(b"cmd=") == 1:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the stalled connection is still open")
+    finally:
+        await c.aclose()
+
+
+async def test_a_refused_password_leaks_no_connection(own_redis: RedisProcess) -> None:
+    admin = client(own_redis.url)
+    wrong = PipelinedRedis.from_url(own_redis.url.replace("redis://", "redis://:nope@"), connect_timeout_s=1.0)
+    assert wrong is not None
+    try:
+        before = (await admin.call("CLIENT", "LIST")).count(b"\n")
+        for _ in range(10):
+            with pytest.raises(ResponseError):
+                await wrong.call("PING")
+        await asyncio.sleep(0.2)
+        assert (await admin.call("CLIENT", "LIST")).count(b"\n") <= before
+    finally:
+        await wrong.aclose()
+        await admin.aclose()
