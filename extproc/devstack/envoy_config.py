@@ -166,6 +166,14 @@ _USAGE_PATHS: list[tuple[list[str], str]] = [
 ]
 
 
+JSON_CONTENT_TYPES = (
+    "application/json",
+    "application/json; charset=utf-8",
+    "application/json;charset=utf-8",
+    "application/json; charset=UTF-8",
+    "application/json;charset=UTF-8",
+)
+
 _ATTRIBUTION_METADATA = [
     (H_TENANT, "tenant"),
     (H_PROJECT, "project"),
@@ -241,7 +249,8 @@ def native_variant(config: Mapping[str, Any]) -> dict[str, Any]:
             "name": "envoy.filters.http.json_to_metadata",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata",
-                "response_rules": {"rules": copy.deepcopy(rules)},
+                # Model servers differ in how they spell JSON (llama.cpp, Ollama: "; charset=utf-8").
+                "response_rules": {"rules": copy.deepcopy(rules), "allow_content_types": list(JSON_CONTENT_TYPES)},
             },
         },
         {

@@ -27,6 +27,8 @@ Test hooks (request headers)
 * ``x-fake-empty-body: 1`` (with ``x-fake-status``): answer that status with no body at all.
 * ``x-fake-cut-after: N`` (streaming only; ignored otherwise): close the connection abruptly after N
   token events, before the finish/usage events. Nothing is counted (``cut_streams`` is bumped).
+* ``x-fake-content-type: T``: send JSON bodies with this Content-Type (servers differ: some add
+  ``; charset=utf-8``).
 * ``x-fake-chunk-delay-ms: N`` (streaming only): sleep N ms before each token event, overriding
   the server's ``--chunk-delay-ms`` for this request (slow streams for drain and memory tests).
 
@@ -494,6 +496,9 @@ async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> 
     response.headers["x-fake-pool"] = request.app[STATE].pool
     response.headers["x-fake-seen-headers"] = ",".join(seen)
     response.headers["x-fake-seen-tenant"] = headers.get(TENANT_HEADER, "")
+    forced_type = headers.get("x-fake-content-type")
+    if forced_type and response.headers.get("content-type", "").startswith(_JSON):
+        response.headers["content-type"] = forced_type  # e.g. llama.cpp's "application/json; charset=utf-8"
 
 
 def build_app(pool: str, *, chunk_delay_s: float = 0.0) -> web.Application:

@@ -290,3 +290,12 @@ def test_a_post_without_a_body_gets_400_and_never_reaches_a_model_server(stack: 
     rec = _wait_for(lambda: _new_record(
         stack, records, lambda r: r["status"] == 400 and r["decision"] in ("bad_request", "refused_by_envoy")))
     assert rec is not None and rec["completion_tokens"] == 0 and rec["reserved_tokens"] == 0
+
+
+def test_usage_is_read_whatever_the_server_calls_its_json(stack: Stack) -> None:
+    for content_type in ("application/json; charset=utf-8", "application/json;charset=UTF-8"):
+        reply = chat(stack.base_url, BASIC, max_tokens=9, extra_headers={"x-fake-content-type": content_type})
+        assert reply.status == 200 and reply.headers["content-type"] == content_type
+        rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))  # noqa: B023
+        assert rec is not None and rec["usage_source"] == "reported", content_type
+        assert rec["completion_tokens"] == reply.json()["usage"]["completion_tokens"] == 9
