@@ -49,6 +49,15 @@ def was_cut(flags: alog.ResponseFlags) -> bool:
     return any(getattr(flags, name) for name in _CUT_FLAGS)
 
 
+def replaced_by_envoy(entry: alog.HTTPAccessLogEntry) -> bool:
+    """The upstream started answering, but the client got Envoy's own reply instead (e.g. a JSON
+    response over the buffer json_to_metadata needs: 500 `response_payload_too_large`). The model
+    did the work, so this is not an error that served nothing: it is settled as a cut response."""
+    details = entry.response.response_code_details
+    return bool(details) and details != "via_upstream" and entry.common_properties.HasField(
+        "time_to_first_upstream_rx_byte")
+
+
 def _duration_ms(props: alog.AccessLogCommon) -> float | None:
     """Envoy's own time from the first request byte to the last response byte sent."""
     if not props.HasField("time_to_last_downstream_tx_byte"):
@@ -99,7 +108,7 @@ def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
     acct.finish_counted(
         usage_from_envoy(fields, acct.schema),
         body_bytes=entry.response.response_body_bytes,
-        complete=not was_cut(props.response_flags),
+        complete=not was_cut(props.response_flags) and not replaced_by_envoy(entry),
         response_model=response_model(fields),
         duration_ms=_duration_ms(props),
         limiter=ctx.limiter,

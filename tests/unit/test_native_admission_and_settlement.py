@@ -269,3 +269,16 @@ def test_in_flight_entries_are_forgotten_by_age_and_by_count() -> None:
     now[0] = 11.0
     table.add("r4")  # r2 and r3 are past their age
     assert len(table) == 1
+
+
+async def test_a_response_envoy_replaced_after_the_model_answered_stays_charged() -> None:
+    # e.g. a JSON response larger than json_to_metadata's buffer: Envoy answers 500 itself
+    ctx, limiter, sink = _context()
+    admission = await StreamProcessor(ctx).handle(body_only(CHAT))
+    reserved = limiter.reserved[0].tokens
+    entry = access_log_entry(admission, status=500, usage=None, body_bytes=21)
+    entry.response.response_code_details = "response_payload_too_large"
+    entry.common_properties.time_to_first_upstream_rx_byte.FromMilliseconds(40)
+    assert settle_entry(ctx, entry)
+    assert limiter.settled[0][2] == reserved
+    assert (sink.records[0].decision, sink.records[0].usage_source) == ("admitted_incomplete", "estimated")
