@@ -86,7 +86,8 @@ class Context:
         self.limiter = limiter
         self.sink = sink
         self.telemetry = telemetry or Telemetry()
-        self.inflight = Inflight()  # admitted here, response accounted for elsewhere, not ended yet
+        # admitted here, response accounted for elsewhere, not ended yet
+        self.inflight: Inflight[ResponseAccounting] = Inflight()
 
     @property
     def policy(self) -> Policy:
@@ -323,7 +324,7 @@ class StreamProcessor:
         s.accounting = ResponseAccounting(s.record, schema=schema, prompt_estimate=info.prompt_tokens_estimate)
         metadata.update(s.accounting.to_metadata())
         if s.response_elsewhere:
-            self.ctx.inflight.add(s.request_id)
+            self.ctx.inflight.add(s.request_id, s.accounting)
         return R.request_body(set_headers, remove or (), body=new_body, metadata=metadata, clear_route_cache=True)
 
     async def _reserve(self, tokens: int) -> Decision:

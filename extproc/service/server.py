@@ -67,31 +67,39 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 ACCESS_LOG_LINGER_S = 0.3
 
 
-async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s: float) -> None:
+async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s: float, replicas: int) -> None:
     """Shut down within `grace_s` without losing what was admitted here.
 
     Requests whose response is accounted for elsewhere (envoy-native.yaml: Envoy's access log) end
     in an access log entry that can only arrive while this server still serves: Envoy ends its
-    access log stream as soon as the server stops (GOAWAY). So while such requests are in flight
-    the server keeps serving (it reports NOT_SERVING; new requests are still answered until Envoy
-    stops sending them), then it stops taking calls, lets open ext_proc streams finish, and ends
-    the access log stream once they have.
+    access log stream as soon as the server stops (GOAWAY). A lone processor (`replicas == 1`)
+    therefore keeps serving (it reports NOT_SERVING; new requests are still answered until Envoy
+    stops sending them) until the requests it admitted have ended; what is still open at the end of
+    the grace period is settled at its reservation and recorded as incomplete. With several
+    replicas the entries may go to any of them, so it does not wait for its own. Then it stops
+    taking calls, lets open ext_proc streams finish, and ends the access log stream.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
-    inflight = processor.ctx.inflight
-    # Polled (ASYNC110): counters owned by other code paths, every 20 ms, during shutdown only.
-    while len(inflight) and loop.time() < deadline:  # noqa: ASYNC110
-        await asyncio.sleep(0.02)
-    if len(inflight):
-        log.warning("drain: %d requests admitted here had not ended after the grace period", len(inflight))
-    await asyncio.sleep(min(ACCESS_LOG_LINGER_S, max(0.0, deadline - loop.time())))  # stray entries
+    ctx = processor.ctx
+    if replicas == 1:
+        # Polled (ASYNC110): a counter owned by other code paths, every 20 ms, during shutdown only.
+        while len(ctx.inflight) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(min(ACCESS_LOG_LINGER_S, max(0.0, deadline - loop.time())))  # stray entries
     stopping = asyncio.ensure_future(server.stop(max(0.0, deadline - loop.time())))
     while processor.open_streams and not stopping.done() and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
     if not stopping.done():
         await server.stop(0)  # ends what is left: the access log stream
     await stopping
+    if replicas == 1:
+        left = ctx.inflight.take_all()
+        if left:
+            log.warning("drain: %d requests admitted here had not ended; settled at their reservation", len(left))
+        for acct in left:
+            acct.finish_counted(None, body_bytes=0, complete=False, response_model=None, duration_ms=None,
+                                limiter=ctx.limiter, sink=ctx.sink, telemetry=ctx.telemetry)
 
 
 @dataclass(frozen=True)
@@ -173,7 +181,7 @@ async def serve(opts: ServeOptions) -> None:
     log.info("shutting down: draining open streams (grace %.1fs)", opts.grace_seconds)
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await _drain(server, processor, opts.grace_seconds)
+    await _drain(server, processor, opts.grace_seconds, opts.replicas_hint)
     reload_task.cancel()
     await limiter.flush()
     await limiter.aclose()

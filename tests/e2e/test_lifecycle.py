@@ -197,3 +197,19 @@ def test_shadow_mode_meters_and_records_but_never_refuses(tmp_path: Path) -> Non
         decisions = [_wait_record(s, r.headers["x-tokenmeter-request-id"])["decision"] for r in replies]
         assert decisions == ["admitted"] * 3 + ["shadow"] * 2
         assert chat(s.base_url, "sk-unknown").status == 401  # identity is still enforced
+
+
+def test_native_replicas_settle_each_others_requests_and_stop_without_waiting_out_the_grace(
+    tmp_path: Path,
+) -> None:
+    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "two", processors=2, envoy_config=NATIVE_CONFIG)
+    with Stack(opts) as s:
+        rids = [chat(s.base_url, BASIC, max_tokens=2).headers["x-tokenmeter-request-id"] for _ in range(8)]
+        assert len({rid.split("-", 1)[0] for rid in rids}) == 2, "both processes admitted requests"
+        for rid in rids:  # whichever replica Envoy's access log reaches settles and records them all
+            assert _wait_record(s, rid)["completion_tokens"] == 2
+        for proc in [p for p in s.procs if p.name.startswith("processor")]:
+            started = time.monotonic()
+            proc.popen.send_signal(signal.SIGTERM)
+            assert proc.popen.wait(timeout=15) == 0
+            assert time.monotonic() - started < 5.0, f"{proc.name} waited out its grace period"

@@ -259,16 +259,16 @@ def test_in_flight_entries_are_forgotten_by_age_and_by_count() -> None:
     from extproc.service.inflight import Inflight
 
     now = [0.0]
-    table = Inflight(max_age_s=10, max_entries=3, clock=lambda: now[0])
+    table: Inflight[int] = Inflight(max_age_s=10, max_entries=3, clock=lambda: now[0])
     for i in range(3):
-        table.add(f"r{i}")
-    table.add("r3")  # over the count: the oldest goes
+        table.add(f"r{i}", i)
+    table.add("r3", 3)  # over the count: the oldest goes
     assert len(table) == 3
     table.done("r1")
     assert len(table) == 2
     now[0] = 11.0
-    table.add("r4")  # r2 and r3 are past their age
-    assert len(table) == 1
+    table.add("r4", 4)  # r2 and r3 are past their age
+    assert table.take_all() == [4] and len(table) == 0
 
 
 async def test_a_response_envoy_replaced_after_the_model_answered_stays_charged() -> None:
@@ -282,3 +282,37 @@ async def test_a_response_envoy_replaced_after_the_model_answered_stays_charged(
     assert settle_entry(ctx, entry)
     assert limiter.settled[0][2] == reserved
     assert (sink.records[0].decision, sink.records[0].usage_source) == ("admitted_incomplete", "estimated")
+
+
+class _StoppedServer:
+    def __init__(self) -> None:
+        self.stops: list[float] = []
+
+    async def stop(self, grace: float) -> None:
+        self.stops.append(grace)
+
+
+async def test_a_lone_processor_settles_what_is_still_open_at_the_end_of_its_grace() -> None:
+    from extproc.service.server import ExternalProcessor, _drain
+
+    ctx, limiter, sink = _context()
+    await StreamProcessor(ctx).handle(body_only({**CHAT, "stream": True}))  # its access log entry never comes
+    reserved = limiter.reserved[0].tokens
+    server = _StoppedServer()
+    await _drain(server, ExternalProcessor(ctx), 0.2, replicas=1)  # type: ignore[arg-type]
+    assert server.stops and len(ctx.inflight) == 0
+    assert limiter.settled[0][2] == reserved
+    assert [(r.decision, r.usage_source) for r in sink.records] == [("admitted_incomplete", "estimated")]
+
+
+async def test_one_of_several_replicas_does_not_wait_for_entries_that_may_go_elsewhere() -> None:
+    import time
+
+    from extproc.service.server import ExternalProcessor, _drain
+
+    ctx, limiter, sink = _context()
+    await StreamProcessor(ctx).handle(body_only(CHAT))
+    started = time.monotonic()
+    await _drain(_StoppedServer(), ExternalProcessor(ctx), 5.0, replicas=2)  # type: ignore[arg-type]
+    assert time.monotonic() - started < 1.0
+    assert limiter.settled == [] and sink.records == []  # another replica's access log settles it
