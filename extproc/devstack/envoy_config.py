@@ -135,6 +135,7 @@ NATIVE_REQUEST_ATTRIBUTES = [
     "request.headers['authorization']",
     "request.headers['x-api-key']",
     "request.headers['content-type']",
+    "request.id",  # Envoy's x-request-id: how an access log entry finds a request whose reply was lost
 ]
 
 # Where each API reports usage, as JSON paths -> the key in the tokenmeter.usage namespace

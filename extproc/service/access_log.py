@@ -21,6 +21,7 @@ from envoy.service.accesslog.v3 import als_pb2 as als
 from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
 
 from extproc.metering.envoy_usage import response_model, usage_from_envoy
+from extproc.metering.usage import Usage
 from extproc.records.record import UsageRecord
 from extproc.service.accounting import ResponseAccounting
 from extproc.service.metadata import NAMESPACE, SETTLE_LOG_NAME, USAGE_NAMESPACE
@@ -87,6 +88,19 @@ def _record_unseen(ctx: Context, entry: alog.HTTPAccessLogEntry) -> None:
     ctx.telemetry.refusal(None, rec.decision)
 
 
+def _admitted_but_lost(ctx: Context, entry: alog.HTTPAccessLogEntry, acct: ResponseAccounting) -> None:
+    """Admitted here, but Envoy never applied the reply (it timed out, or the client left while it
+    was on the wire): no route had the pool metadata, so no model server saw the request. Give the
+    reservation back and record the request as aborted."""
+    ctx.inflight.done(acct.record.request_id)
+    if entry.response.HasField("response_code"):
+        acct.status = entry.response.response_code.value or None
+    acct.record.decision = "aborted"
+    acct.finish_counted(Usage(0, 0), body_bytes=0, complete=True, response_model=None,
+                        duration_ms=_duration_ms(entry.common_properties),
+                        limiter=ctx.limiter, sink=ctx.sink, telemetry=ctx.telemetry)
+
+
 def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
     """Settle and record one request from its access log entry; False when there was nothing to
     settle (refused or unmetered: recorded by the processor already; or never seen by it: recorded
@@ -94,8 +108,13 @@ def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
     props = entry.common_properties
     filter_md = props.metadata.filter_metadata
     admitted = filter_md.get(NAMESPACE)
+    state = ctx.by_envoy_id.pop(entry.request.request_id) if entry.request.request_id else None
     if admitted is None:
-        _record_unseen(ctx, entry)
+        if state is None:
+            _record_unseen(ctx, entry)
+        elif state.accounting is not None and not state.accounting.done:
+            _admitted_but_lost(ctx, entry, state.accounting)
+        # else: the processor refused or recorded it (e.g. the client left while it reserved)
         return False
     acct = ResponseAccounting.from_metadata(admitted.fields)
     if acct is None:

@@ -40,6 +40,10 @@ class Inflight(Generic[T]):
     def done(self, request_id: str) -> None:
         self._open.pop(request_id, None)
 
+    def pop(self, request_id: str) -> T | None:
+        entry = self._open.pop(request_id, None)
+        return None if entry is None else entry[1]
+
     def take_all(self) -> list[T]:
         items = [item for _, item in self._open.values()]
         self._open.clear()

@@ -88,6 +88,8 @@ class Context:
         self.telemetry = telemetry or Telemetry()
         # admitted here, response accounted for elsewhere, not ended yet
         self.inflight: Inflight[ResponseAccounting] = Inflight()
+        # envoy-native.yaml: each body-only request by Envoy's request id, until its access log entry
+        self.by_envoy_id: Inflight[RequestState] = Inflight()
 
     @property
     def policy(self) -> Policy:
@@ -108,6 +110,7 @@ _ATTRIBUTE_HEADERS = {
     "request.headers['authorization']": "authorization",
     "request.headers['x-api-key']": "x-api-key",
     "request.headers['content-type']": "content-type",
+    "request.id": "x-request-id",
 }
 
 
@@ -135,7 +138,7 @@ def _new_request_id() -> str:
 
 
 @dataclass
-class _State:
+class RequestState:
     policy: Policy
     request_id: str
     path: str = ""
@@ -155,7 +158,7 @@ class _State:
 class StreamProcessor:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
-        self.s = _State(policy=ctx.policy, request_id=_new_request_id())
+        self.s = RequestState(policy=ctx.policy, request_id=_new_request_id())
 
     @property
     def exchange_over(self) -> bool:
@@ -178,7 +181,11 @@ class StreamProcessor:
             if self.s.record is None:
                 # Request headers are skipped (envoy/envoy-native.yaml): the body comes alone, with
                 # the path, method and credentials as attributes. One message for the whole request.
-                return await self._admit_headers(_attribute_headers(req), end_of_stream=False, body=req.request_body)
+                headers = _attribute_headers(req)
+                envoy_id = headers.get("x-request-id")
+                if envoy_id:  # how this request's access log entry finds it, if our reply is lost
+                    self.ctx.by_envoy_id.add(envoy_id, self.s)
+                return await self._admit_headers(headers, end_of_stream=False, body=req.request_body)
             return await self._on_request_body(req.request_body)
         if which == "response_headers":
             return self._on_response_headers(req.response_headers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 from envoy.data.accesslog.v3 import accesslog_pb2 as alog
 from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
 from envoy.service.accesslog.v3 import als_pb2 as als
@@ -50,11 +51,12 @@ def _context(allow: bool = True) -> tuple[Context, RecordingLimiter, ListSink]:
 
 
 def body_only(body: dict[str, object], *, path: str = "/v1/chat/completions",
-              key: str | None = "e2e-basic-key", header: str = "authorization") -> pb.ProcessingRequest:
+              key: str | None = "e2e-basic-key", header: str = "authorization",
+              envoy_id: str = "envoy-1") -> pb.ProcessingRequest:
     """What Envoy sends with envoy-native.yaml: the buffered body, headers as CEL attributes."""
     req = pb.ProcessingRequest(request_body=pb.HttpBody(body=orjson.dumps(body), end_of_stream=True))
     attrs = req.attributes[ATTRS]
-    attrs.update({"request.path": path, "request.method": "POST"})
+    attrs.update({"request.path": path, "request.method": "POST", "request.id": envoy_id})
     if key is not None:
         attrs.update({f"request.headers['{header}']": f"Bearer {key}" if header == "authorization" else key})
     req.protocol_config.request_body_mode = ProcessingMode.BUFFERED
@@ -68,6 +70,7 @@ CHAT = {"model": "llama-test", "messages": [{"role": "user", "content": "hello t
 def access_log_entry(admission: pb.ProcessingResponse, *, status: int = 200, usage: dict[str, object] | None = None,
                      body_bytes: int = 300, cut: bool = False) -> alog.HTTPAccessLogEntry:
     entry = alog.HTTPAccessLogEntry()
+    entry.request.request_id = "envoy-1"
     md = entry.common_properties.metadata.filter_metadata
     md[NAMESPACE].CopyFrom(admission.dynamic_metadata.fields[NAMESPACE].struct_value)
     if usage is not None:
@@ -316,3 +319,37 @@ async def test_one_of_several_replicas_does_not_wait_for_entries_that_may_go_els
     await _drain(_StoppedServer(), ExternalProcessor(ctx), 5.0, replicas=2)  # type: ignore[arg-type]
     assert time.monotonic() - started < 1.0
     assert limiter.settled == [] and sink.records == []  # another replica's access log settles it
+
+
+async def test_an_admission_whose_reply_envoy_never_applied_gives_the_reservation_back() -> None:
+    # Envoy timed out the reply (or the client left while it was on the wire): the access log entry
+    # has none of our metadata, and no route sent the request to a model server.
+    ctx, limiter, sink = _context()
+    await StreamProcessor(ctx).handle(body_only(CHAT, envoy_id="envoy-lost"))
+    entry = alog.HTTPAccessLogEntry()
+    entry.request.request_id = "envoy-lost"
+    entry.response.response_code.value = 504
+    assert not settle_entry(ctx, entry)
+    assert [s[2] for s in limiter.settled] == [0]
+    assert [(r.decision, r.status, r.tenant) for r in sink.records] == [("aborted", 504, "acme")]
+    assert len(ctx.inflight) == 0 and len(ctx.by_envoy_id) == 0
+
+
+async def test_a_client_gone_while_reserving_gets_one_record_not_two() -> None:
+    import asyncio
+
+    from tests.unit.test_processor_close import HangingLimiter
+
+    limiter, sink = HangingLimiter(), ListSink()
+    ctx = Context(FixedPolicy(load_policy(POLICY)), limiter, sink)
+    proc = StreamProcessor(ctx)
+    task = asyncio.create_task(proc.handle(body_only(CHAT, envoy_id="envoy-gone")))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    proc.close(graceful=False)
+    entry = alog.HTTPAccessLogEntry()  # Envoy's entry: 499-like, none of our metadata
+    entry.request.request_id = "envoy-gone"
+    assert not settle_entry(ctx, entry)
+    assert [r.decision for r in sink.records] == ["aborted"]
