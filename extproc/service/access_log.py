@@ -92,7 +92,6 @@ def _admitted_but_lost(ctx: Context, entry: alog.HTTPAccessLogEntry, acct: Respo
     """Admitted here, but Envoy never applied the reply (it timed out, or the client left while it
     was on the wire): no route had the pool metadata, so no model server saw the request. Give the
     reservation back and record the request as aborted."""
-    ctx.inflight.done(acct.record.request_id)
     if entry.response.HasField("response_code"):
         acct.status = entry.response.response_code.value or None
     acct.record.decision = "aborted"
@@ -108,13 +107,15 @@ def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
     props = entry.common_properties
     filter_md = props.metadata.filter_metadata
     admitted = filter_md.get(NAMESPACE)
-    state = ctx.by_envoy_id.pop(entry.request.request_id) if entry.request.request_id else None
+    ours = ctx.by_envoy_id.pop(entry.request.request_id) if entry.request.request_id else None
     if admitted is None:
-        if state is None:
+        if ours is None:
             _record_unseen(ctx, entry)
-        elif state.accounting is not None and not state.accounting.done:
-            _admitted_but_lost(ctx, entry, state.accounting)
-        # else: the processor refused or recorded it (e.g. the client left while it reserved)
+        else:
+            lost = ctx.inflight.pop(ours)
+            if lost is not None and not lost.done:
+                _admitted_but_lost(ctx, entry, lost)
+            # else: the processor refused or recorded it (e.g. the client left while it reserved)
         return False
     acct = ResponseAccounting.from_metadata(admitted.fields)
     if acct is None:

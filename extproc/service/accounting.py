@@ -74,6 +74,9 @@ def envoy_final_usage(
 
 
 class ResponseAccounting:
+    # Kept per in-flight request while the response flows (extproc.service.inflight): no __dict__.
+    __slots__ = ("record", "schema", "prompt_estimate", "_meter", "status", "done")
+
     def __init__(
         self,
         record: UsageRecord,

@@ -88,8 +88,9 @@ class Context:
         self.telemetry = telemetry or Telemetry()
         # admitted here, response accounted for elsewhere, not ended yet
         self.inflight: Inflight[ResponseAccounting] = Inflight()
-        # envoy-native.yaml: each body-only request by Envoy's request id, until its access log entry
-        self.by_envoy_id: Inflight[RequestState] = Inflight()
+        # envoy-native.yaml: Envoy's request id -> ours, for each body-only request until its access
+        # log entry (ids only: this table lives as long as the responses, it must stay small)
+        self.by_envoy_id: Inflight[str] = Inflight()
 
     @property
     def policy(self) -> Policy:
@@ -184,7 +185,7 @@ class StreamProcessor:
                 headers = _attribute_headers(req)
                 envoy_id = headers.get("x-request-id")
                 if envoy_id:  # how this request's access log entry finds it, if our reply is lost
-                    self.ctx.by_envoy_id.add(envoy_id, self.s)
+                    self.ctx.by_envoy_id.add(envoy_id, self.s.request_id)
                 return await self._admit_headers(headers, end_of_stream=False, body=req.request_body)
             return await self._on_request_body(req.request_body)
         if which == "response_headers":
