@@ -75,7 +75,7 @@ def envoy_final_usage(
 
 class ResponseAccounting:
     # Kept per in-flight request while the response flows (extproc.service.inflight): no __dict__.
-    __slots__ = ("record", "schema", "prompt_estimate", "_meter", "status", "done")
+    __slots__ = ("_meter", "done", "prompt_estimate", "record", "schema", "status")
 
     def __init__(
         self,
