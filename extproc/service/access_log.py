@@ -89,13 +89,18 @@ def _record_unseen(ctx: Context, entry: alog.HTTPAccessLogEntry) -> None:
 
 
 def _admitted_but_lost(ctx: Context, entry: alog.HTTPAccessLogEntry, acct: ResponseAccounting) -> None:
-    """Admitted here, but Envoy never applied the reply (it timed out, or the client left while it
-    was on the wire): no route had the pool metadata, so no model server saw the request. Give the
-    reservation back and record the request as aborted."""
+    """Admitted here, but the entry carries none of our metadata: Envoy never applied the reply
+    (it timed out, or the client left while it was on the wire), so no route sent the request to a
+    model server. Recorded as aborted, once.
+
+    Envoy's request id is the client's x-request-id when it sends one, so a client can make another
+    of its requests look like this one. The reservation is therefore given back only when Envoy
+    itself says its ext_proc call failed; otherwise it stays charged (a client can only overpay)."""
     if entry.response.HasField("response_code"):
         acct.status = entry.response.response_code.value or None
     acct.record.decision = "aborted"
-    acct.finish_counted(Usage(0, 0), body_bytes=0, complete=True, response_model=None,
+    refund = entry.response.response_code_details.startswith("ext_proc")
+    acct.finish_counted(Usage(0, 0) if refund else None, body_bytes=0, complete=refund, response_model=None,
                         duration_ms=_duration_ms(entry.common_properties),
                         limiter=ctx.limiter, sink=ctx.sink, telemetry=ctx.telemetry)
 

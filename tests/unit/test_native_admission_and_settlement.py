@@ -329,10 +329,29 @@ async def test_an_admission_whose_reply_envoy_never_applied_gives_the_reservatio
     entry = alog.HTTPAccessLogEntry()
     entry.request.request_id = "envoy-lost"
     entry.response.response_code.value = 504
+    entry.response.response_code_details = "ext_proc_error_gRPC_error_4"  # Envoy's ext_proc call failed
     assert not settle_entry(ctx, entry)
     assert [s[2] for s in limiter.settled] == [0]
     assert [(r.decision, r.status, r.tenant) for r in sink.records] == [("aborted", 504, "acme")]
     assert len(ctx.inflight) == 0 and len(ctx.by_envoy_id) == 0
+
+
+async def test_a_client_reusing_a_request_id_cannot_get_another_request_refunded() -> None:
+    # x-request-id is the client's when it sends one: a body-less POST (Envoy answers it without
+    # the processor) carrying the id of an admitted, still running request of the same client.
+    ctx, limiter, _sink = _context()
+    admission = await StreamProcessor(ctx).handle(body_only(CHAT, envoy_id="chosen-id"))
+    reserved = limiter.reserved[0].tokens
+    decoy = alog.HTTPAccessLogEntry()
+    decoy.request.request_id = "chosen-id"
+    decoy.response.response_code.value = 400
+    decoy.response.response_code_details = "direct_response"
+    settle_entry(ctx, decoy)
+    real = access_log_entry(admission, usage={"prompt_tokens": 1, "completion_tokens": 1})
+    real.request.request_id = "chosen-id"
+    settle_entry(ctx, real)
+    # the first settlement of a request id wins (the limiter's settle is idempotent): the reservation
+    assert limiter.settled[0][2] == reserved
 
 
 async def test_a_client_gone_while_reserving_gets_one_record_not_two() -> None:
