@@ -74,7 +74,8 @@ def _record_unseen(ctx: Context, entry: alog.HTTPAccessLogEntry) -> None:
     started = props.start_time.ToNanoseconds() / 1e9 if props.HasField("start_time") else time.time()
     status = entry.response.response_code.value if entry.response.HasField("response_code") else None
     rec = UsageRecord(
-        request_id=entry.request.request_id or f"envoy-{time.time_ns():x}",
+        # Envoy's x-request-id, which a client may choose: prefixed, so it never passes for one of ours
+        request_id=f"envoy:{entry.request.request_id or f'{time.time_ns():x}'}",
         time=started,
         decision="refused_by_envoy" if status is None or status >= 400 else "not_governed",
         policy_version=ctx.policy.version,

@@ -194,7 +194,7 @@ def test_a_request_envoy_answered_itself_gets_an_unattributed_record() -> None:
     assert not settle_entry(ctx, entry)
     (rec,) = sink.records
     assert (rec.request_id, rec.decision, rec.status, rec.path, rec.tenant) == (
-        "envoy-rid-1", "refused_by_envoy", 400, "/v1/chat/completions", None)
+        "envoy:envoy-rid-1", "refused_by_envoy", 400, "/v1/chat/completions", None)
     assert limiter.settled == []
 
 
