@@ -23,6 +23,14 @@ def _serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(f"tokenmeter: policy rejected: {exc}", file=sys.stderr)
         return 2
+    if args.settle_secret_file:
+        from extproc.service.seal import Seal
+
+        try:
+            Seal.from_file(args.settle_secret_file)
+        except (OSError, ValueError) as exc:
+            print(f"tokenmeter: settle secret {args.settle_secret_file}: {exc}", file=sys.stderr)
+            return 2
     opts = ServeOptions(
         policy=args.policy,
         listen=args.listen,
@@ -31,6 +39,7 @@ def _serve(args: argparse.Namespace) -> int:
         grace_seconds=args.grace,
         replicas_hint=args.replicas_hint,
         metrics_port=args.metrics_port,
+        settle_secret_file=args.settle_secret_file,
     )
     uvloop.run(serve(opts))
     return 0
@@ -89,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM")
     s.add_argument("--replicas-hint", type=int, default=1, help="replicas sharing limits (fail-open split)")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on 127.0.0.1:PORT")
+    s.add_argument("--settle-secret-file", default=None,
+                   help="a secret (>= 16 bytes, the same for every replica) that seals admission metadata; "
+                   "access log entries and meter streams without a valid seal are not settled")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="run Envoy + processor + Redis + fake model pools and send traffic")

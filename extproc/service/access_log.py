@@ -123,6 +123,9 @@ def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
                 _admitted_but_lost(ctx, entry, lost)
             # else: the processor refused or recorded it (e.g. the client left while it reserved)
         return False
+    if ctx.seal is not None and "reserved_tokens" in admitted.fields and not ctx.seal.verify(admitted.fields):
+        log.warning("access log entry with unsealed or tampered admission metadata: not settled")
+        return False
     acct = ResponseAccounting.from_metadata(admitted.fields)
     if acct is None:
         return False

@@ -52,6 +52,7 @@ from extproc.service.metadata import (
     NAMESPACE,
 )
 from extproc.service.ratelimit_headers import ratelimit_headers, ratelimit_metadata, retry_after
+from extproc.service.seal import SEAL_KEY, Seal
 from extproc.service.telemetry import Telemetry
 
 log = logging.getLogger("tokenmeter.processor")
@@ -81,8 +82,10 @@ class Context:
         limiter: Limiter,
         sink: RecordSink,
         telemetry: Telemetry | None = None,
+        seal: Seal | None = None,
     ) -> None:
         self.policies = policies
+        self.seal = seal  # seals admission metadata that comes back to be settled (extproc.service.seal)
         self.limiter = limiter
         self.sink = sink
         self.telemetry = telemetry or Telemetry()
@@ -331,6 +334,8 @@ class StreamProcessor:
         s.record.decision = str(metadata["decision"])
         s.accounting = ResponseAccounting(s.record, schema=schema, prompt_estimate=info.prompt_tokens_estimate)
         metadata.update(s.accounting.to_metadata())
+        if self.ctx.seal is not None:
+            metadata[SEAL_KEY] = self.ctx.seal.sign(metadata)
         if s.response_elsewhere:
             self.ctx.inflight.add(s.request_id, s.accounting)
         return R.request_body(set_headers, remove or (), body=new_body, metadata=metadata, clear_route_cache=True)
@@ -436,6 +441,9 @@ class StreamProcessor:
             if s.settled:
                 return True
             fields = req.metadata_context.filter_metadata.get(NAMESPACE)
+            if fields is not None and self.ctx.seal is not None and not self.ctx.seal.verify(fields.fields):
+                log.warning("meter stream with unsealed or tampered admission metadata: ignored")
+                fields = None
             s.accounting = ResponseAccounting.from_metadata(fields.fields) if fields is not None else None
             if s.accounting is None:  # refused or not metered: nothing to account for
                 s.settled = True

@@ -24,6 +24,7 @@ from extproc.policy import PolicyStore
 from extproc.records.sink import JsonlSink
 from extproc.service.access_log import AccessLogReceiver
 from extproc.service.processor import Context, StreamProcessor
+from extproc.service.seal import Seal
 from extproc.service.telemetry import Telemetry
 
 log = logging.getLogger("tokenmeter.server")
@@ -112,6 +113,7 @@ class ServeOptions:
     reload_interval: float = 1.0
     replicas_hint: int = 1
     metrics_port: int | None = None
+    settle_secret_file: str | None = None
 
 
 def _telemetry(metrics_port: int | None) -> Telemetry:
@@ -145,7 +147,8 @@ async def serve(opts: ServeOptions) -> None:
                         type(exc).__name__, policy.redis.on_failure)
     sink = JsonlSink(opts.usage_log)
     sink.start()
-    ctx = Context(store, limiter, sink, _telemetry(opts.metrics_port))
+    seal = Seal.from_file(opts.settle_secret_file) if opts.settle_secret_file else None
+    ctx = Context(store, limiter, sink, _telemetry(opts.metrics_port), seal=seal)
 
     server = grpc.aio.server(
         options=[

@@ -72,3 +72,12 @@ def test_demo_runs_the_stack_and_prints_the_usage_table(tmp_path: Path, config: 
 def test_report_on_a_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     result = _run("report", str(tmp_path / "nope.jsonl"))
     assert result.returncode == 2 and "cannot read" in result.stderr
+
+
+def test_serve_refuses_a_settle_secret_that_is_too_short(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("short\n")
+    result = _run("serve", "--policy", str(DEFAULT_POLICY), "--listen", "127.0.0.1:0",
+                  "--settle-secret-file", str(secret), timeout=30)
+    assert result.returncode == 2
+    assert "at least 16 bytes" in result.stderr and str(secret) in result.stderr

@@ -213,3 +213,17 @@ def test_native_replicas_settle_each_others_requests_and_stop_without_waiting_ou
             proc.popen.send_signal(signal.SIGTERM)
             assert proc.popen.wait(timeout=15) == 0
             assert time.monotonic() - started < 5.0, f"{proc.name} waited out its grace period"
+
+
+@pytest.mark.parametrize("config", [NATIVE_CONFIG, OBSERVE_CONFIG], ids=["envoy-native", "envoy-observe"])
+def test_a_settle_secret_seals_admissions_and_they_still_settle(tmp_path: Path, config: Path) -> None:
+    secret = tmp_path / "settle.secret"
+    secret.write_text("e2e-settle-secret-0123456789\n")
+    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run", envoy_config=config,
+                        processor_extra=("--settle-secret-file", str(secret)))
+    with Stack(opts) as s:
+        for stream in (False, True):
+            reply = chat(s.base_url, BASIC, stream=stream, max_tokens=7)
+            assert reply.status == 200
+            rec = _wait_record(s, reply.headers["x-tokenmeter-request-id"])
+            assert rec["completion_tokens"] == 7 and rec["usage_source"] == "reported"

@@ -372,3 +372,35 @@ async def test_a_client_gone_while_reserving_gets_one_record_not_two() -> None:
     entry.request.request_id = "envoy-gone"
     assert not settle_entry(ctx, entry)
     assert [r.decision for r in sink.records] == ["aborted"]
+
+
+def _sealed_context() -> tuple[Context, RecordingLimiter, ListSink]:
+    from extproc.service.seal import Seal
+
+    limiter, sink = RecordingLimiter(), ListSink()
+    ctx = Context(FixedPolicy(load_policy(POLICY)), limiter, sink, seal=Seal(b"0123456789abcdef-shared"))
+    return ctx, limiter, sink
+
+
+async def test_with_a_settle_secret_a_sealed_entry_settles_and_a_tampered_one_does_not() -> None:
+    ctx, limiter, sink = _sealed_context()
+    admission = await StreamProcessor(ctx).handle(body_only(CHAT))
+    assert admission.dynamic_metadata.fields[NAMESPACE].struct_value["seal"]
+    assert settle_entry(ctx, access_log_entry(admission, usage={"prompt_tokens": 2, "completion_tokens": 3}))
+    assert limiter.settled[-1][2] == 5
+
+    second = await StreamProcessor(ctx).handle(body_only(CHAT, envoy_id="envoy-2"))
+    forged = access_log_entry(second, usage={"prompt_tokens": 0, "completion_tokens": 0})
+    forged.common_properties.metadata.filter_metadata[NAMESPACE].fields["tenant"].string_value = "globex"
+    assert not settle_entry(ctx, forged)
+    made_up = access_log_entry(second)
+    del made_up.common_properties.metadata.filter_metadata[NAMESPACE].fields["seal"]
+    assert not settle_entry(ctx, made_up)
+    assert len(limiter.settled) == 1 and len(sink.records) == 1
+
+
+def test_a_settle_secret_must_not_be_trivially_short() -> None:
+    from extproc.service.seal import Seal
+
+    with pytest.raises(ValueError):
+        Seal(b"short")
