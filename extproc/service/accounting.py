@@ -12,7 +12,7 @@ Used in two ways:
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from google.protobuf import struct_pb2
 
@@ -30,43 +30,31 @@ _RECORD_FIELDS_STR = ("request_id", "decision", "policy_version", "tenant", "pro
 
 
 def final_usage(
-    meter: ResponseMeter | None, status: int | None, complete: bool, prompt_estimate: int, reserved: int
-) -> Usage:
-    """What to charge once the response is over.
-
-    Reported usage always wins. A response that completed with an error status and no usage served
-    nothing, and so did one without a body. A stream cut before usage stays charged at its
-    reservation, marked estimated.
-    """
-    if meter is not None and meter.saw_usage:
-        return meter.finish(prompt_estimate)
-    if complete and status is not None and status >= 400:
-        return Usage(0, 0)
-    if complete and meter is not None and meter.bytes_seen == 0:
-        return Usage(0, 0)  # a response without a body served nothing
-    if meter is not None and complete:
-        return meter.finish(prompt_estimate)
-    return Usage(prompt_estimate, max(0, reserved - prompt_estimate), estimated=True)
-
-
-def envoy_final_usage(
     reported: Usage | None,
+    *,
     status: int | None,
     complete: bool,
     body_bytes: int,
     prompt_estimate: int,
     reserved: int,
+    count: Callable[[], Usage] | None = None,
 ) -> Usage:
-    """`final_usage` for a response Envoy metered: reported usage wins; an error or an empty body
-    served nothing; otherwise (no usage reported, or the stream was cut) an estimate: the prompt
-    estimate plus, for a complete body, about a token per 4 bytes of it (at most the reservation),
-    for a cut one the whole reservation, as when the processor meters."""
+    """What to charge once the response is over, whoever metered it.
+
+    Reported usage always wins. A response that completed with an error status and no usage served
+    nothing, and so did one without a body. A complete body without usage is counted (`count`: the
+    processor's meter reads the text), or, where only its size is known (Envoy metered it), estimated
+    at a token per 4 bytes within the reservation. A response cut before usage stays charged at its
+    reservation, marked estimated.
+    """
     if reported is not None:
         return reported
     if complete and status is not None and status >= 400:
         return Usage(0, 0)
     if complete and body_bytes == 0:
-        return Usage(0, 0)
+        return Usage(0, 0)  # a response without a body served nothing
+    if complete and count is not None:
+        return count()
     output = max(0, reserved - prompt_estimate)
     if complete:
         output = min(output, (body_bytes + 3) // 4)
@@ -163,8 +151,13 @@ class ResponseAccounting:
         """Settle and emit once; returns the token metadata for Envoy (empty if already done)."""
         if self.done:
             return {}
-        usage = final_usage(self.meter, self.status, complete, self.prompt_estimate, self.record.reserved_tokens)
-        return self._close(usage, self.meter.response_model, limiter, sink, telemetry, complete=complete)
+        meter, estimate = self.meter, self.prompt_estimate
+        usage = final_usage(
+            meter.finish(estimate) if meter.saw_usage else None,
+            status=self.status, complete=complete, body_bytes=meter.bytes_seen,
+            prompt_estimate=estimate, reserved=self.record.reserved_tokens, count=lambda: meter.finish(estimate),
+        )
+        return self._close(usage, meter.response_model, limiter, sink, telemetry, complete=complete)
 
     def finish_counted(
         self,
@@ -181,8 +174,9 @@ class ResponseAccounting:
         """Settle and emit from what Envoy counted (envoy/envoy-native.yaml's access log entry)."""
         if self.done:
             return
-        usage = envoy_final_usage(
-            reported, self.status, complete, body_bytes, self.prompt_estimate, self.record.reserved_tokens
+        usage = final_usage(
+            reported, status=self.status, complete=complete, body_bytes=body_bytes,
+            prompt_estimate=self.prompt_estimate, reserved=self.record.reserved_tokens,
         )
         self._close(usage, response_model, limiter, sink, telemetry, complete=complete, duration_ms=duration_ms)
 

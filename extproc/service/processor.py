@@ -290,12 +290,10 @@ class StreamProcessor:
     # -- request body ----------------------------------------------------------------------
 
     async def _on_request_body(
-        self,
-        msg: pb.HttpBody,
-        attribution: list[tuple[str, str]] | None = None,
-        remove: list[str] | None = None,
-        header_metadata: Mapping[str, R.MetadataValue] | None = None,
+        self, msg: pb.HttpBody, header_metadata: Mapping[str, R.MetadataValue] | None = None
     ) -> pb.ProcessingResponse:
+        """The body's admission. `header_metadata`: the headers were skipped, and their metadata
+        goes out with this reply (see _admit_headers)."""
         s = self.s
         assert s.key is not None and s.record is not None
         body = msg.body
@@ -326,7 +324,7 @@ class StreamProcessor:
         # the reply to re-route on the new metadata, and R.request_body always sends one.
         set_headers: list[tuple[str, str]] = []
         if header_metadata is None:
-            set_headers = [*(attribution or ()), (H_POOL, decision.pool or "")]
+            set_headers = [(H_POOL, decision.pool or "")]
             if new_body is not None:
                 set_headers.append(("content-length", str(len(new_body))))
         metadata = dict(header_metadata or {})
@@ -338,7 +336,7 @@ class StreamProcessor:
             metadata[SEAL_KEY] = self.ctx.seal.sign(metadata)
         if s.response_elsewhere:
             self.ctx.inflight.add(s.request_id, s.accounting)
-        return R.request_body(set_headers, remove or (), body=new_body, metadata=metadata, clear_route_cache=True)
+        return R.request_body(set_headers, body=new_body, metadata=metadata, clear_route_cache=True)
 
     async def _reserve(self, tokens: int) -> Decision:
         s = self.s
