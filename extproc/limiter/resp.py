@@ -50,8 +50,8 @@ def _error(reply: hiredis.ReplyError) -> ResponseError:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
-        self.pending: deque[asyncio.Future[Any]] = deque()
-        self.sent_at: deque[float] = deque()  # when each pending command was written (monotonic)
+        # each command written and not answered yet: its caller's future, when it was written
+        self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
 
@@ -69,8 +69,7 @@ class _Protocol(asyncio.Protocol):
                 if self.transport is not None:
                     self.transport.close()
                 return
-            fut = self.pending.popleft()
-            self.sent_at.popleft()
+            fut, _ = self.pending.popleft()
             if fut.done():  # its caller gave up (deadline): drop the late reply
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -83,14 +82,13 @@ class _Protocol(asyncio.Protocol):
         self._fail(RedisConnectionError(f"redis connection lost: {exc!r}" if exc else "redis connection closed"))
 
     def _fail(self, exc: Exception) -> None:
-        self.sent_at.clear()
         while self.pending:
-            fut = self.pending.popleft()
+            fut, _ = self.pending.popleft()
             if not fut.done():
                 fut.set_exception(exc)
 
     def oldest_wait_s(self) -> float:
-        return time.monotonic() - self.sent_at[0] if self.sent_at else 0.0
+        return time.monotonic() - self.pending[0][1] if self.pending else 0.0
 
     def abort(self) -> None:
         """Give up on this connection: fail every waiting call; the next call reconnects."""
@@ -104,9 +102,8 @@ class _Protocol(asyncio.Protocol):
             raise RedisConnectionError("redis connection not open")
         loop = asyncio.get_running_loop()
         futures: list[asyncio.Future[Any]] = [loop.create_future() for _ in payloads]
-        self.pending.extend(futures)
         now = time.monotonic()
-        self.sent_at.extend(now for _ in payloads)
+        self.pending.extend((f, now) for f in futures)
         self.transport.write(b"".join(payloads))
         return futures
 
@@ -114,8 +111,7 @@ class _Protocol(asyncio.Protocol):
         if self.transport is None or self.lost:
             raise RedisConnectionError("redis connection not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.pending.append(fut)
-        self.sent_at.append(time.monotonic())
+        self.pending.append((fut, time.monotonic()))
         self.transport.write(payload)
         return fut
 
@@ -169,9 +165,7 @@ class PipelinedRedis:
         return None if target is None else cls(target, connect_timeout_s=connect_timeout_s, stall_s=stall_s)
 
     async def call(self, *args: Any) -> Any:
-        proto = self._proto
-        if proto is None or proto.lost:
-            proto = await self._connect()
+        proto = await self._connection()
         try:
             return await proto.send(pack(args))
         except asyncio.CancelledError:
@@ -188,9 +182,7 @@ class PipelinedRedis:
     async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Several commands in one write; each reply, or the exception of an error reply, in order.
         A lost connection raises (every command of the batch may or may not have run)."""
-        proto = self._proto
-        if proto is None or proto.lost:
-            proto = await self._connect()
+        proto = await self._connection()
         futures = proto.send_many([pack(c) for c in commands])
         try:
             results = await asyncio.gather(*futures, return_exceptions=True)
@@ -201,6 +193,12 @@ class PipelinedRedis:
             if isinstance(r, RedisConnectionError | OSError | asyncio.CancelledError):
                 raise r
         return results
+
+    async def _connection(self) -> _Protocol:
+        proto = self._proto
+        if proto is None or proto.lost:
+            proto = await self._connect()
+        return proto
 
     async def _connect(self) -> _Protocol:
         # Concurrent callers share one connection attempt; a caller's deadline does not cancel it.

@@ -59,6 +59,10 @@ def replaced_by_envoy(entry: alog.HTTPAccessLogEntry) -> bool:
         "time_to_first_upstream_rx_byte")
 
 
+def _status(entry: alog.HTTPAccessLogEntry) -> int | None:
+    return entry.response.response_code.value or None if entry.response.HasField("response_code") else None
+
+
 def _duration_ms(props: alog.AccessLogCommon) -> float | None:
     """Envoy's own time from the first request byte to the last response byte sent."""
     if not props.HasField("time_to_last_downstream_tx_byte"):
@@ -72,7 +76,7 @@ def _record_unseen(ctx: Context, entry: alog.HTTPAccessLogEntry) -> None:
     as it would with envoy.yaml (where the processor sees every request's headers)."""
     props = entry.common_properties
     started = props.start_time.ToNanoseconds() / 1e9 if props.HasField("start_time") else time.time()
-    status = entry.response.response_code.value if entry.response.HasField("response_code") else None
+    status = _status(entry)
     rec = UsageRecord(
         # Envoy's x-request-id, which a client may choose: prefixed, so it never passes for one of ours
         request_id=f"envoy:{entry.request.request_id or f'{time.time_ns():x}'}",
@@ -80,7 +84,7 @@ def _record_unseen(ctx: Context, entry: alog.HTTPAccessLogEntry) -> None:
         decision="refused_by_envoy" if status is None or status >= 400 else "not_governed",
         policy_version=ctx.policy.version,
         path=entry.request.path.split("?", 1)[0] or None,
-        status=status or None,
+        status=status,
         duration_ms=_duration_ms(props) or 0.0,
     )
     if rec.decision == "not_governed":  # the routes of envoy-native.yaml should make this impossible
@@ -97,8 +101,7 @@ def _admitted_but_lost(ctx: Context, entry: alog.HTTPAccessLogEntry, acct: Respo
     Envoy's request id is the client's x-request-id when it sends one, so a client can make another
     of its requests look like this one. The reservation is therefore given back only when Envoy
     itself says its ext_proc call failed; otherwise it stays charged (a client can only overpay)."""
-    if entry.response.HasField("response_code"):
-        acct.status = entry.response.response_code.value or None
+    acct.status = _status(entry)
     acct.record.decision = "aborted"
     refund = entry.response.response_code_details.startswith("ext_proc")
     acct.finish_counted(Usage(0, 0) if refund else None, body_bytes=0, complete=refund, response_model=None,
@@ -132,8 +135,7 @@ def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
     ctx.inflight.done(acct.record.request_id)
     counted = filter_md.get(USAGE_NAMESPACE)
     fields = dict(counted.items()) if counted is not None else {}
-    if entry.response.HasField("response_code"):
-        acct.status = entry.response.response_code.value or None
+    acct.status = _status(entry)
     acct.finish_counted(
         usage_from_envoy(fields, acct.schema),
         body_bytes=entry.response.response_body_bytes,
