@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from extproc.service.metadata import (
+    ATTRIBUTE_HEADERS,
     H_KEY_ID,
     H_POOL,
     H_PROJECT,
@@ -127,16 +128,8 @@ def observe_variant(config: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-# What the processor reads when Envoy sends it the request body alone (request headers SKIPped):
-# CEL attributes, evaluated by Envoy. A missing header is simply absent from the attributes.
-NATIVE_REQUEST_ATTRIBUTES = [
-    "request.path",
-    "request.method",
-    "request.headers['authorization']",
-    "request.headers['x-api-key']",
-    "request.headers['content-type']",
-    "request.id",  # Envoy's x-request-id: how an access log entry finds a request whose reply was lost
-]
+# What the processor reads when Envoy sends it the request body alone (request headers skipped).
+NATIVE_REQUEST_ATTRIBUTES = list(ATTRIBUTE_HEADERS)
 
 # Where each API reports usage, as JSON paths -> the key in the tokenmeter.usage namespace
 # (read back by extproc.metering.envoy_usage). OpenAI: `usage` on the JSON body and on the final SSE

@@ -15,3 +15,15 @@ H_REQUEST_ID = "x-tokenmeter-request-id"
 # usage to, and the name of the gRPC access log whose entries settle requests.
 USAGE_NAMESPACE = "tokenmeter.usage"
 SETTLE_LOG_NAME = "tokenmeter.settle"
+
+# envoy/envoy-native.yaml skips the request headers: Envoy sends these CEL attributes with the body
+# instead (its request_attributes), each standing for a header. request.id is Envoy's x-request-id:
+# how an access log entry finds a request whose reply was lost.
+ATTRIBUTE_HEADERS = {
+    "request.path": ":path",
+    "request.method": ":method",
+    "request.headers['authorization']": "authorization",
+    "request.headers['x-api-key']": "x-api-key",
+    "request.headers['content-type']": "content-type",
+    "request.id": "x-request-id",
+}

@@ -41,6 +41,7 @@ from extproc.service.admission import ScopePath, pool_ceilings, reservation_toke
 from extproc.service.errors import error_body
 from extproc.service.identity import identify
 from extproc.service.inflight import Inflight
+from extproc.service.metadata import ATTRIBUTE_HEADERS as _ATTRIBUTE_HEADERS
 from extproc.service.metadata import (
     H_KEY_ID,
     H_POOL,
@@ -105,17 +106,6 @@ def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
     for h in msg.headers.headers:
         out[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
     return out
-
-
-# Envoy attribute names (envoy/envoy-native.yaml's request_attributes) -> the header they stand for.
-_ATTRIBUTE_HEADERS = {
-    "request.path": ":path",
-    "request.method": ":method",
-    "request.headers['authorization']": "authorization",
-    "request.headers['x-api-key']": "x-api-key",
-    "request.headers['content-type']": "content-type",
-    "request.id": "x-request-id",
-}
 
 
 def _attribute_headers(req: pb.ProcessingRequest) -> dict[str, str]:
