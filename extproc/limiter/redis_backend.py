@@ -51,7 +51,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.limiter.memory import InMemoryLimiter
-from extproc.limiter.resp import PipelinedRedis
+from extproc.limiter.resp import PipelinedRedis, Template
 from extproc.limiter.types import (
     KIND_BACKEND,
     KIND_POOL,
@@ -261,6 +261,9 @@ class RedisLimiter:
             str(round(self._w_min_s * 1000)), str(w_hour), str(round(RESERVATION_MIN_TTL_S * 1000))
         )
         self._scope_cache: dict[tuple[str, ScopeLimit], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        # reserve.lua's EVALSHA for a (tenant, scopes, pools), packed but for the request id and cost
+        self._reserve_templates: dict[tuple[str, tuple[ScopeLimit, ...], tuple[PoolCeiling, ...]], Template] = {}
+        self._settle_template = Template(("EVALSHA", SETTLE.sha, 1), None, None, None)
         self._pool_cache: dict[PoolCeiling, tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
         # counters
@@ -417,13 +420,22 @@ class RedisLimiter:
         return keys, args
 
     async def reserve(self, r: Reservation) -> Decision:
-        keys, args = self.encode(r, pools=not self.cluster)
+        template = self._reserve_templates.get((r.tenant, r.scopes, r.pools)) if self._fast is not None else None
+        if template is None:
+            keys, args = self.encode(r, pools=not self.cluster)  # validates
+        elif not r.request_id:
+            raise ValueError("request_id must not be empty")
         if not self.breaker.allow():
             return self._degraded(r)
         tenant_done = False
         try:
             async with asyncio.timeout(self._deadline_s):
-                raw = await self._evalsha(self._adm, RESERVE, keys, args, True)
+                if self._fast is not None:
+                    if template is None:
+                        template = self._reserve_template(r, keys, args)
+                    raw = await self._reserve_fast(self._fast, template, r)
+                else:
+                    raw = await self._evalsha(self._adm, RESERVE, keys, args, True)
                 decision = decode_decision(raw, r.request_id)
                 tenant_done = True
                 if self.cluster and decision.allowed and r.pools:
@@ -446,6 +458,27 @@ class RedisLimiter:
             return decision
         self.breaker.success()
         return decision
+
+    def _reserve_template(self, r: Reservation, keys: list[str], args: list[str]) -> Template:
+        """reserve.lua's EVALSHA for this caller's scopes and pools, packed once: only the reservation
+        key, the request id and the cost change between a caller's requests (see encode)."""
+        if len(self._reserve_templates) >= 65536:
+            self._reserve_templates.clear()
+        template = self._reserve_templates[(r.tenant, r.scopes, r.pools)] = Template(
+            ("EVALSHA", RESERVE.sha, len(keys)), None, tuple(keys[1:]), None, None, tuple(args[2:])
+        )
+        return template
+
+    async def _reserve_fast(self, fast: PipelinedRedis, template: Template, r: Reservation) -> Any:
+        """The admission EVALSHA over the pipelined connection."""
+        payload = template.fill(reservation_key(r.tenant, r.request_id), r.request_id, max(0, int(r.tokens)))
+        self.round_trips += 1
+        try:
+            return await fast.call_packed(payload)
+        except NoScriptError:
+            self.round_trips += 2
+            await fast.call("SCRIPT", "LOAD", RESERVE.source)
+            return await fast.call_packed(payload)
 
     async def _choose_pool_on_cluster(self, r: Reservation, admitted: Decision) -> Decision:
         """Cluster mode, after the tenant's shard admitted: the first pool with room, one call each."""
@@ -612,7 +645,8 @@ class RedisLimiter:
     async def _send_settles(self, calls: list[tuple[str, int, str]]) -> list[Any]:
         """settle.lua for each call in one round trip: replies or error-reply exceptions, in order."""
         if self._fast_bg is not None:
-            return await self._fast_bg.call_many([("EVALSHA", SETTLE.sha, 1, k, a, m) for k, a, m in calls])
+            fill = self._settle_template.fill
+            return await self._fast_bg.call_many_packed([fill(k, a, m) for k, a, m in calls])
         pipe = self._bg.pipeline(transaction=False)
         for key, actual, mode in calls:
             pipe.execute_command("EVALSHA", SETTLE.sha, 1, key, actual, mode)

@@ -31,13 +31,43 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 
+def bulk(arg: Any) -> bytes:
+    """One argument as a RESP2 bulk string."""
+    b = arg if isinstance(arg, bytes) else str(arg).encode()
+    return b"$%d\r\n%s\r\n" % (len(b), b)
+
+
 def pack(args: tuple[Any, ...]) -> bytes:
     """One command in RESP2 (an array of bulk strings)."""
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        b = a if isinstance(a, bytes) else str(a).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-    return b"".join(out)
+    return b"*%d\r\n" % len(args) + b"".join([bulk(a) for a in args])
+
+
+class Template:
+    """A command whose arguments are all fixed but a few, packed once: `fill` packs only those.
+
+    `Template(("EVALSHA", sha, 2), ("k1",), None, ("a", "b"), None)` is a command with five fixed
+    arguments and two holes (None); `fill(x, y)` = pack(("EVALSHA", sha, 2, "k1", x, "a", "b", y)).
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self, *segments: tuple[Any, ...] | None) -> None:
+        count = sum(1 if seg is None else len(seg) for seg in segments)
+        parts: list[bytes | None] = []
+        fixed = b"*%d\r\n" % count
+        for seg in segments:
+            if seg is None:
+                parts.append(fixed)
+                fixed = b""
+                parts.append(None)
+            else:
+                fixed += b"".join([bulk(a) for a in seg])
+        parts.append(fixed)
+        self._parts = tuple(parts)
+
+    def fill(self, *values: Any) -> bytes:
+        it = iter(values)
+        return b"".join([bulk(next(it)) if p is None else p for p in self._parts])
 
 
 def _error(reply: hiredis.ReplyError) -> ResponseError:
@@ -165,9 +195,13 @@ class PipelinedRedis:
         return None if target is None else cls(target, connect_timeout_s=connect_timeout_s, stall_s=stall_s)
 
     async def call(self, *args: Any) -> Any:
+        return await self.call_packed(pack(args))
+
+    async def call_packed(self, payload: bytes) -> Any:
+        """One command already in RESP2 (pack, Template.fill)."""
         proto = await self._connection()
         try:
-            return await proto.send(pack(args))
+            return await proto.send(payload)
         except asyncio.CancelledError:
             self._check_stalled(proto)
             raise
@@ -182,8 +216,11 @@ class PipelinedRedis:
     async def call_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """Several commands in one write; each reply, or the exception of an error reply, in order.
         A lost connection raises (every command of the batch may or may not have run)."""
+        return await self.call_many_packed([pack(c) for c in commands])
+
+    async def call_many_packed(self, payloads: list[bytes]) -> list[Any]:
         proto = await self._connection()
-        futures = proto.send_many([pack(c) for c in commands])
+        futures = proto.send_many(payloads)
         try:
             results = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:

@@ -24,7 +24,7 @@ from typing import Protocol
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.limiter.types import Decision, Limiter, Reservation
+from extproc.limiter.types import Decision, Limiter, PoolCeiling, Reservation
 from extproc.metering.request import (
     BadRequest,
     RequestInfo,
@@ -96,9 +96,30 @@ class Context:
         # log entry (ids only: this table lives as long as the responses, it must stay small)
         self.by_envoy_id: Inflight[str] = Inflight()
 
+        # derived from the live policy once per key, not per request (dropped when it reloads)
+        self._derived_for: Policy | None = None
+        self._scopes: dict[str, ScopePath] = {}
+        self._pools: tuple[PoolCeiling, ...] = ()
+
     @property
     def policy(self) -> Policy:
         return self.policies.current
+
+    def _derived(self, policy: Policy) -> None:
+        if policy is not self._derived_for:
+            self._derived_for, self._scopes, self._pools = policy, {}, pool_ceilings(policy)
+
+    def scopes(self, key: ApiKey, policy: Policy) -> ScopePath:
+        """The key's scope path under `policy` (admission.scope_path), computed once per policy."""
+        self._derived(policy)
+        path = self._scopes.get(key.key_id)
+        if path is None:
+            path = self._scopes[key.key_id] = scope_path(key, policy)
+        return path
+
+    def pools(self, policy: Policy) -> tuple[PoolCeiling, ...]:
+        self._derived(policy)
+        return self._pools
 
 
 def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
@@ -136,6 +157,7 @@ class RequestState:
     policy: Policy
     request_id: str
     path: str = ""
+    schema: Schema | None = None  # of the path (None: not a metered inference path)
     key: ApiKey | None = None
     info: RequestInfo | None = None
     decision: Decision | None = None
@@ -215,7 +237,7 @@ class StreamProcessor:
         s.key = key
         s.record.tenant, s.record.project = key.tenant, key.project
         s.record.team, s.record.key_id = key.team, key.key_id
-        s.scopes = scope_path(key, s.policy)
+        s.scopes = self.ctx.scopes(key, s.policy)
         attribution = [
             (H_TENANT, key.tenant),
             (H_PROJECT, key.project),
@@ -235,7 +257,7 @@ class StreamProcessor:
             "key_id": key.key_id,
             "policy_version": s.policy.version,
         }
-        schema = schema_for_path(s.path)
+        schema = s.schema = schema_for_path(s.path)
         if schema is None or end_of_stream:
             # Not a metered LLM call (or no body): count the request, no token accounting.
             if schema is not None:
@@ -295,7 +317,7 @@ class StreamProcessor:
                 code="request_too_large",
                 decision="too_large",
             )
-        schema = schema_for_path(s.path) or Schema.OPENAI
+        schema = s.schema or Schema.OPENAI
         try:
             info = parse_request(body, schema)
         except BadRequest as exc:
@@ -338,7 +360,7 @@ class StreamProcessor:
                 tenant=s.key.tenant,
                 scopes=s.scopes.scopes,
                 tokens=tokens,
-                pools=pool_ceilings(s.policy),
+                pools=self.ctx.pools(s.policy),
             )
         )
         s.decision = decision

@@ -5,7 +5,7 @@ Never set ProcessingResponse.request_drain: in Envoy 1.40 field 11 is streamed_i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
@@ -44,17 +44,23 @@ def _common(
     return common
 
 
-def _metadata(values: Mapping[str, MetadataValue]) -> struct_pb2.Struct:
-    outer = struct_pb2.Struct()
-    outer.fields[NAMESPACE].struct_value.update(values)  # one call into the C implementation
-    return outer
+def set_struct(fields: MutableMapping[str, struct_pb2.Value], values: Mapping[str, MetadataValue]) -> None:
+    """Write values into a Struct's fields in place (about 3x cheaper than Struct.update, which
+    type-checks each value in Python and builds a message per field to copy in)."""
+    for name, value in values.items():
+        if value is True or value is False:
+            fields[name].bool_value = value
+        elif isinstance(value, str):
+            fields[name].string_value = value
+        else:
+            fields[name].number_value = value
 
 
 def _with_metadata(
     resp: pb.ProcessingResponse, metadata: Mapping[str, MetadataValue] | None
 ) -> pb.ProcessingResponse:
     if metadata:
-        resp.dynamic_metadata.CopyFrom(_metadata(metadata))
+        set_struct(resp.dynamic_metadata.fields[NAMESPACE].struct_value.fields, metadata)
     return resp
 
 

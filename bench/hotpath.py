@@ -1,0 +1,163 @@
+"""The processor's own CPU per request, without gRPC or Envoy: what our code costs on top of the floor.
+
+    .venv/bin/python -m bench.hotpath [--requests 20000] [--concurrency 16] [--memory] [--repeat 3]
+
+In one process on uvloop, with a real redis-server (or the in-memory limiter with --memory) and the
+real JSONL sink, it runs what the processor runs per request behind envoy/envoy-native.yaml:
+
+  admission   parse the ProcessingRequest Envoy sends (the body, credentials as attributes),
+              StreamProcessor.handle (identity, body parse, one EVALSHA, metadata), serialize
+              the reply;
+  settlement  parse an HTTPAccessLogEntry carrying that reply's metadata and the counted usage,
+              settle_entry (limiter settle, usage record), in batches of 100 as Envoy sends them
+              (admit 100, settle them, and so on), until the settlements reached Redis and the
+              records were written. The background work in between (the settle pipeline to Redis,
+              the sink's writes) counts as settlement when it runs in the settle phase, and as
+              admission when it runs while the next batch is admitted: the sum is what matters.
+
+It reports CPU time (this process only; redis-server's is not counted) per request for each, the
+median over --repeat rounds. The full-stack numbers (gRPC, Envoy, the other processes) come from
+bench.run; this one is steady enough to compare changes of a few microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import orjson
+import uvloop
+from envoy.data.accesslog.v3 import accesslog_pb2 as alog
+from envoy.extensions.filters.http.ext_proc.v3.processing_mode_pb2 import ProcessingMode
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from bench.load import BENCH_KEY, chat_body
+from bench.run import BENCH_POLICY
+from extproc.devstack.redis_proc import start_redis_server
+from extproc.limiter import limiter_from_url
+from extproc.policy import load_policy
+from extproc.records.sink import JsonlSink
+from extproc.service.access_log import settle_entry
+from extproc.service.metadata import NAMESPACE, USAGE_NAMESPACE
+from extproc.service.processor import Context, FixedPolicy, StreamProcessor
+
+ATTRS = "envoy.filters.http.ext_proc"
+
+
+def envoy_request(body: bytes, n: int) -> bytes:
+    """What envoy-native.yaml sends: the buffered body alone, path/method/credentials as attributes."""
+    req = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
+    req.attributes[ATTRS].update({
+        "request.path": "/v1/chat/completions",
+        "request.method": "POST",
+        "request.id": f"envoy-{n}",
+        "request.headers['authorization']": f"Bearer {BENCH_KEY}",
+        "request.headers['content-type']": "application/json",
+    })
+    req.protocol_config.request_body_mode = ProcessingMode.BUFFERED
+    req.protocol_config.response_body_mode = ProcessingMode.NONE
+    return req.SerializeToString()
+
+
+def access_log_entry(reply: pb.ProcessingResponse) -> bytes:
+    entry = alog.HTTPAccessLogEntry()
+    entry.request.request_id = "envoy-x"
+    md = entry.common_properties.metadata.filter_metadata
+    md[NAMESPACE].CopyFrom(reply.dynamic_metadata.fields[NAMESPACE].struct_value)
+    md[USAGE_NAMESPACE].update({"prompt_tokens": 12, "completion_tokens": 16})
+    entry.response.response_code.value = 200
+    entry.response.response_body_bytes = 420
+    entry.common_properties.start_time.GetCurrentTime()
+    entry.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(3)
+    return entry.SerializeToString()
+
+
+async def one_round(ctx: Context, raw: bytes, n: int, concurrency: int) -> tuple[float, float]:
+    """n requests in batches of 100 (as Envoy flushes its access log): admit a batch, `concurrency`
+    at a time, then settle it. Returns CPU microseconds per request for each."""
+    admission = settlement = 0.0
+    done = 0
+
+    async def worker(count: int, out: list[pb.ProcessingResponse]) -> None:
+        for _ in range(count):
+            proc = StreamProcessor(ctx)
+            reply = await proc.handle(pb.ProcessingRequest.FromString(raw))
+            reply.SerializeToString()
+            proc.close(graceful=True)
+            out.append(reply)
+
+    while done < n:
+        replies: list[pb.ProcessingResponse] = []
+        t0 = time.process_time()
+        await asyncio.gather(*[worker(100 // concurrency + (i < 100 % concurrency), replies)
+                               for i in range(concurrency)])
+        admission += time.process_time() - t0
+        if replies[0].WhichOneof("response") != "request_body":
+            raise SystemExit(f"the request was not admitted: {replies[0]}")
+        entries = [access_log_entry(r) for r in replies]  # Envoy's work, not timed
+        t0 = time.process_time()
+        for e in entries:
+            settle_entry(ctx, alog.HTTPAccessLogEntry.FromString(e))
+        await asyncio.sleep(0)
+        settlement += time.process_time() - t0
+        done += len(replies)
+    t0 = time.process_time()
+    await ctx.limiter.flush()
+    await asyncio.sleep(0.25)  # the sink's flush interval: its last batch written
+    settlement += time.process_time() - t0
+    return admission / done * 1e6, settlement / done * 1e6
+
+
+async def run(redis_url: str | None, args: argparse.Namespace, usage_log: Path) -> None:
+    policy = load_policy(BENCH_POLICY)
+    limiter = limiter_from_url(redis_url, deadline_ms=policy.redis.deadline_ms,
+                               on_failure=str(policy.redis.on_failure))
+    start = getattr(limiter, "start", None)
+    if start is not None:
+        await start()
+    sink = JsonlSink(usage_log)
+    sink.start()
+    ctx = Context(FixedPolicy(policy), limiter, sink)
+    raw = envoy_request(chat_body(stream=False, max_tokens=16), 1)
+    await one_round(ctx, raw, 2000, args.concurrency)  # warm up
+    adm: list[float] = []
+    stl: list[float] = []
+    for i in range(args.repeat):
+        a, s = await one_round(ctx, raw, args.requests, args.concurrency)
+        adm.append(a)
+        stl.append(s)
+        print(f"round {i + 1}: admission {a:.1f} us/request, settlement {s:.1f} us/request", flush=True)
+    await sink.aclose()
+    await limiter.aclose()
+    out = {"limiter": "memory" if redis_url is None else "redis", "requests": args.requests,
+           "concurrency": args.concurrency, "admission_us": round(statistics.median(adm), 1),
+           "settlement_us": round(statistics.median(stl), 1)}
+    print(orjson.dumps(out).decode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=20000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--memory", action="store_true", help="the in-memory limiter instead of redis-server")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="tm-hotpath-") as tmp:
+        usage_log = Path(tmp) / "usage.jsonl"
+        if args.memory:
+            uvloop.run(run(None, args, usage_log))
+            return 0
+        redis = start_redis_server(workdir=tmp)
+        try:
+            uvloop.run(run(redis.url, args, usage_log))
+        finally:
+            redis.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
