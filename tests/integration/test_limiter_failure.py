@@ -195,3 +195,20 @@ async def test_closing_with_redis_down_gives_up_after_the_flush_timeout(own_redi
     await lim.aclose()
     assert time.monotonic() - started < 2.0
     assert lim.settle_queue_depth == 1
+
+
+async def test_a_flushed_script_cache_is_reloaded_on_the_next_admission(own_redis: RedisProcess) -> None:
+    # The second admission of the same caller goes out from its packed template: after SCRIPT FLUSH
+    # (a Redis restart without persistence, a failover) it gets NOSCRIPT and must load and retry.
+    lim = limiter(own_redis.url)
+    client = Redis.from_url(own_redis.url)
+    try:
+        assert (await lim.reserve(reservation("r1", 100))).allowed
+        await client.script_flush()
+        d = await lim.reserve(reservation("r2", 200))
+        assert d.allowed and not d.degraded
+        assert lim.backend_errors == 0
+        assert await tokens_in_window(own_redis.url) == 300
+    finally:
+        await lim.aclose()
+        await client.aclose()

@@ -9,7 +9,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from extproc.devstack.redis_proc import RedisProcess
-from extproc.limiter.resp import PipelinedRedis, Target, pack, parse_url
+from extproc.limiter.resp import PipelinedRedis, Target, Template, pack, parse_url
 
 
 def client(url: str) -> PipelinedRedis:
@@ -20,6 +20,14 @@ def client(url: str) -> PipelinedRedis:
 
 def test_commands_are_packed_as_resp_arrays_of_bulk_strings() -> None:
     assert pack(("SET", "k", 12, b"\x00v")) == b"*4\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n12\r\n$2\r\n\x00v\r\n"
+
+
+def test_a_template_packs_the_same_bytes_as_the_whole_command() -> None:
+    t = Template(("EVALSHA", "f" * 40, 2), None, ("tm:{a}:w:key:k:1m",), None, None, ("60000", "", "x"))
+    assert t.fill("tm:{a}:r:1", "rid-1", 42) == pack(
+        ("EVALSHA", "f" * 40, 2, "tm:{a}:r:1", "tm:{a}:w:key:k:1m", "rid-1", 42, "60000", "", "x"))
+    assert Template(None).fill(b"\x00") == pack((b"\x00",))
+    assert Template(("PING",)).fill() == pack(("PING",))
 
 
 def test_only_plain_urls_take_the_pipelined_connection() -> None:
