@@ -2,6 +2,12 @@
 
     .venv/bin/python -m bench.hotpath [--requests 20000] [--concurrency 16] [--memory] [--repeat 3]
 
+Instructions per request, steady where CPU time is not (a shared VM): run it under callgrind twice,
+and divide the difference of the totals by the difference of the requests (bench/RESULTS.md):
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null .venv/bin/python -m bench.hotpath \
+        --warmup 200 --repeat 1 --deadline-ms 5000 --requests 500     # then --requests 1500
+
 In one process on uvloop, with a real redis-server (or the in-memory limiter with --memory) and the
 real JSONL sink, it runs what the processor runs per request behind envoy/envoy-native.yaml:
 
@@ -114,7 +120,7 @@ async def one_round(ctx: Context, raw: bytes, n: int, concurrency: int) -> tuple
 
 async def run(redis_url: str | None, args: argparse.Namespace, usage_log: Path) -> None:
     policy = load_policy(BENCH_POLICY)
-    limiter = limiter_from_url(redis_url, deadline_ms=policy.redis.deadline_ms,
+    limiter = limiter_from_url(redis_url, deadline_ms=args.deadline_ms or policy.redis.deadline_ms,
                                on_failure=str(policy.redis.on_failure))
     start = getattr(limiter, "start", None)
     if start is not None:
@@ -123,7 +129,7 @@ async def run(redis_url: str | None, args: argparse.Namespace, usage_log: Path) 
     sink.start()
     ctx = Context(FixedPolicy(policy), limiter, sink)
     raw = envoy_request(chat_body(stream=False, max_tokens=16), 1)
-    await one_round(ctx, raw, 2000, args.concurrency)  # warm up
+    await one_round(ctx, raw, args.warmup, args.concurrency)
     adm: list[float] = []
     stl: list[float] = []
     for i in range(args.repeat):
@@ -144,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=2000, help="requests before the measured rounds")
     parser.add_argument("--memory", action="store_true", help="the in-memory limiter instead of redis-server")
+    parser.add_argument("--deadline-ms", type=float, default=0,
+                        help="the limiter's deadline (default: the bench policy's); raise it under valgrind")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="tm-hotpath-") as tmp:
         usage_log = Path(tmp) / "usage.jsonl"

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--envoy-config", choices=tuple(CONFIGS), default="native")
+    parser.add_argument("--targets", default="anb", help="which setups, e.g. 'b' (default anb)")
     parser.add_argument("--out", default="/tmp/bench-tail")
     args = parser.parse_args(argv)
     raise_nofile()
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p50: dict[str, list[float]] = {"a": [], "n": [], "b": []}
     p99: dict[str, list[float]] = {"a": [], "n": [], "b": []}
     with stack, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        ports = {"a": stack.alone_port, "n": stack.null_port, "b": stack.envoy_port}
+        ports = {t: p for t, p in (("a", stack.alone_port), ("n", stack.null_port), ("b", stack.envoy_port))
+                 if t in args.targets}
         meter = Meter(stack)
         for t, port in ports.items():  # warm up
             runner.run(load.closed_loop(port, http_request(port, body), n=300, concurrency=8, target=t))
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"#{i + 1} ({t}) ok {run.ok}/{run.sent} p50 {s['p50_ms']:.3f} p99 {s['p99_ms']:.3f} "
                     f"max {s['max_ms']:.1f} ms, send lag p99 {s['send_lag_p99_ms']:.3f} ms, "
                     "CPU ms/req " + ", ".join(f"{k} {v:.3f}" for k, v in cpu.items() if v >= 0.01))
-    for t in p50:
+    for t in (t for t in p50 if p50[t]):
         log(f"({t}) median over {args.repeat}: p50 {statistics.median(p50[t]):.3f} ms, "
             f"p99 {statistics.median(p99[t]):.3f} ms")
     return 0

@@ -232,7 +232,7 @@ class RedisLimiter:
         breaker_threshold: int = 3,
         breaker_cooldown_s: float = 1.0,
         settle_queue_max: int = 100_000,
-        settle_batch: int = 256,
+        settle_batch: int = 16,
         settle_timeout_s: float = 2.0,
         flush_timeout_s: float = 10.0,
         fast: PipelinedRedis | None = None,
@@ -278,6 +278,8 @@ class RedisLimiter:
 
         self._queue: deque[_Settlement] = deque()
         self._queue_max = settle_queue_max
+        # Settlements per pipeline. Redis runs a client's pipeline as one block, and settle.lua takes
+        # ~40 us of its time each; admissions wait behind the block. 16 keep the wait under ~1 ms.
         self._batch = settle_batch
         self._settle_timeout_s = settle_timeout_s
         self._flush_timeout_s = flush_timeout_s

@@ -11,6 +11,7 @@ Only a log named SETTLE_LOG_NAME settles: any other access log pointed here is r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -44,6 +45,11 @@ _CUT_FLAGS = (
     "duration_timeout",
     "overload_manager",
 )
+
+
+# Entries settled between two turns of the event loop: Envoy sends one message per flush interval
+# (100 ms in envoy-native.yaml), about a hundred entries at 1,000 requests/s.
+YIELD_EVERY = 16
 
 
 def was_cut(flags: alog.ResponseFlags) -> bool:
@@ -168,10 +174,12 @@ class AccessLogReceiver(als_grpc.AccessLogServiceServicer):  # type: ignore[misc
                                 SETTLE_LOG_NAME)
             if not settles:
                 continue
-            for entry in msg.http_logs.log_entry:
+            for i, entry in enumerate(msg.http_logs.log_entry, 1):
                 try:
                     if settle_entry(self.ctx, entry):
                         self.settled += 1
                 except Exception:  # one bad entry must not drop the rest of the batch
                     log.exception("could not settle an access log entry")
+                if i % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # let admissions in: a batch is ~100 entries, ~3 ms of work
         return als.StreamAccessLogsResponse()
