@@ -50,6 +50,7 @@ from extproc.records.sink import JsonlSink
 from extproc.service.access_log import settle_entry
 from extproc.service.metadata import NAMESPACE, USAGE_NAMESPACE
 from extproc.service.processor import Context, FixedPolicy, StreamProcessor
+from extproc.service.server import tune_gc
 
 ATTRS = "envoy.filters.http.ext_proc"
 
@@ -152,9 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2000, help="requests before the measured rounds")
     parser.add_argument("--memory", action="store_true", help="the in-memory limiter instead of redis-server")
+    parser.add_argument("--default-gc", action="store_true",
+                        help="keep Python's GC settings (default: tuned as `tokenmeter serve` does)")
     parser.add_argument("--deadline-ms", type=float, default=0,
                         help="the limiter's deadline (default: the bench policy's); raise it under valgrind")
     args = parser.parse_args(argv)
+    if not args.default_gc:
+        tune_gc()
     with tempfile.TemporaryDirectory(prefix="tm-hotpath-") as tmp:
         usage_log = Path(tmp) / "usage.jsonl"
         if args.memory:

@@ -51,6 +51,7 @@ from bench.stack import DIRECT_PREFIX, BenchStack
 from bench.wrk import WrkResult, ensure_wrk, run_wrk, write_script
 from extproc.devstack.binaries import find_envoy, find_redis_server
 from extproc.devstack.envoy_config import NATIVE_CONFIG, OBSERVE_CONFIG, SHIPPED_CONFIG
+from extproc.devstack.ports import free_port
 from extproc.devstack.stack import StackOptions
 
 HERE = Path(__file__).resolve().parent
@@ -94,6 +95,11 @@ class Config:
             hold_points=(0, 500, 1000, 2000),
             hold_connections=4,
         )
+
+
+def processor_extra(processors: int) -> tuple[str, ...]:
+    """The processor runs as deployed: with its Prometheus endpoint (one process: one port)."""
+    return ("--metrics-port", str(free_port())) if processors <= 1 else ()
 
 
 def log(msg: str) -> None:
@@ -696,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
         processors=max(1, args.processors),
         processor_uds=args.uds,
         envoy_config=CONFIGS[args.envoy_config],
+        processor_extra=processor_extra(args.processors),
     )
     stack = BenchStack(opts, chunk_delay_ms=cfg.chunk_delay_ms)
     with stack, asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:

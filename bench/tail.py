@@ -20,7 +20,7 @@ import uvloop
 
 from bench import load, report
 from bench.load import chat_body, http_request
-from bench.run import BENCH_POLICY, CONFIGS, Meter, log, raise_nofile
+from bench.run import BENCH_POLICY, CONFIGS, Meter, log, processor_extra, raise_nofile
 from bench.stack import BenchStack
 from extproc.devstack.stack import StackOptions
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     raise_nofile()
     opts = StackOptions(policy=BENCH_POLICY, run_dir=Path(args.out) / "run",
-                        envoy_config=CONFIGS[args.envoy_config])
+                        envoy_config=CONFIGS[args.envoy_config], processor_extra=processor_extra(1))
     stack = BenchStack(opts)
     body = chat_body(stream=False, max_tokens=16)
     p50: dict[str, list[float]] = {"a": [], "n": [], "b": []}
