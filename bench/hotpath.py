@@ -70,17 +70,19 @@ def envoy_request(body: bytes, n: int) -> bytes:
     return req.SerializeToString()
 
 
-def access_log_entry(reply: pb.ProcessingResponse) -> bytes:
+def access_log_entry(reply: pb.ProcessingResponse, envoy_id: str = "envoy-x") -> alog.HTTPAccessLogEntry:
+    """What Envoy logs for an admitted request: the reply's metadata and the counted usage."""
     entry = alog.HTTPAccessLogEntry()
-    entry.request.request_id = "envoy-x"
+    entry.request.request_id = envoy_id
     md = entry.common_properties.metadata.filter_metadata
-    md[NAMESPACE].CopyFrom(reply.dynamic_metadata.fields[NAMESPACE].struct_value)
+    if reply.dynamic_metadata.fields[NAMESPACE].struct_value.fields:
+        md[NAMESPACE].CopyFrom(reply.dynamic_metadata.fields[NAMESPACE].struct_value)
     md[USAGE_NAMESPACE].update({"prompt_tokens": 12, "completion_tokens": 16})
     entry.response.response_code.value = 200
     entry.response.response_body_bytes = 420
     entry.common_properties.start_time.GetCurrentTime()
     entry.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(3)
-    return entry.SerializeToString()
+    return entry
 
 
 async def one_round(ctx: Context, raw: bytes, n: int, concurrency: int) -> tuple[float, float]:
@@ -105,7 +107,7 @@ async def one_round(ctx: Context, raw: bytes, n: int, concurrency: int) -> tuple
         admission += time.process_time() - t0
         if replies[0].WhichOneof("response") != "request_body":
             raise SystemExit(f"the request was not admitted: {replies[0]}")
-        entries = [access_log_entry(r) for r in replies]  # Envoy's work, not timed
+        entries = [access_log_entry(r).SerializeToString() for r in replies]  # Envoy's work, not timed
         t0 = time.process_time()
         for e in entries:
             settle_entry(ctx, alog.HTTPAccessLogEntry.FromString(e))

@@ -11,7 +11,8 @@ the stream closed; every 100 requests one access log message with their entries 
 metadata plus the counted usage). It does so for each count in --requests, one processor run each,
 and reports (total difference) / (request difference): the per-request count, start-up excluded.
 The limiter's deadline is raised for the run (the processor runs ~50x slower under valgrind).
-Needs valgrind (apt-get install valgrind).
+Needs valgrind (apt-get install valgrind). TM_CALLGRIND_OUT=/tmp/cg.%p.out keeps callgrind's profiles
+(callgrind_annotate; the difference of the two runs' per-function counts is per request).
 """
 
 from __future__ import annotations
@@ -30,34 +31,19 @@ from pathlib import Path
 import grpc
 import uvloop
 import yaml
-from envoy.data.accesslog.v3 import accesslog_pb2 as alog
 from envoy.service.accesslog.v3 import als_pb2 as als
 from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from bench.hotpath import envoy_request
+from bench.hotpath import access_log_entry, envoy_request
 from bench.load import chat_body
 from bench.run import BENCH_POLICY
 from extproc.devstack.ports import free_port, wait_for_port
 from extproc.devstack.redis_proc import start_redis_server
-from extproc.service.metadata import NAMESPACE, SETTLE_LOG_NAME, USAGE_NAMESPACE
+from extproc.service.metadata import SETTLE_LOG_NAME
 
 BATCH = 100
-
-
-def entry_for(reply: pb.ProcessingResponse, envoy_id: str) -> alog.HTTPAccessLogEntry:
-    entry = alog.HTTPAccessLogEntry()
-    entry.request.request_id = envoy_id
-    md = entry.common_properties.metadata.filter_metadata
-    if reply.dynamic_metadata.fields[NAMESPACE].struct_value.fields:
-        md[NAMESPACE].CopyFrom(reply.dynamic_metadata.fields[NAMESPACE].struct_value)
-    md[USAGE_NAMESPACE].update({"prompt_tokens": 12, "completion_tokens": 16})
-    entry.response.response_code.value = 200
-    entry.response.response_body_bytes = 420
-    entry.common_properties.start_time.GetCurrentTime()
-    entry.common_properties.time_to_last_downstream_tx_byte.FromMilliseconds(3)
-    return entry
 
 
 async def drive(port: int, n: int) -> int:
@@ -84,7 +70,7 @@ async def drive(port: int, n: int) -> int:
             call = ext.Process(iter([pb.ProcessingRequest.FromString(envoy_request(body, i))]))
             async for reply in call:
                 ok += reply.WhichOneof("response") == "request_body"
-                batch.http_logs.log_entry.append(entry_for(reply, envoy_id))
+                batch.http_logs.log_entry.append(access_log_entry(reply, envoy_id))
             if len(batch.http_logs.log_entry) == BATCH:
                 await queue.put(batch)
                 batch = als.StreamAccessLogsMessage()
@@ -109,7 +95,8 @@ def run_once(n: int, null: bool, tmp: Path, redis_url: str) -> int:
         argv = [tokenmeter, "serve", "--policy", str(policy_path), "--listen", listen, "--redis", redis_url,
                 "--usage-log", str(tmp / "usage.jsonl"), "--grace", "60"]
     out = tmp / f"valgrind-{n}.txt"
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={os.environ.get('TM_CALLGRIND_OUT', '/dev/null')}",
+    profile = os.environ.get("TM_CALLGRIND_OUT", "/dev/null")
+    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={profile}",
                              f"--log-file={out}", *argv], stdout=subprocess.DEVNULL)
     try:
         wait_for_port(port, timeout=120)

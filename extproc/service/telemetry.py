@@ -45,22 +45,13 @@ class Telemetry:
         self.alerts: Tally = Counter()
         self.refusals: Tally = Counter()
         self.tokens: Tally = Counter()
-        m.create_observable_counter(
-            "tokenmeter.decisions", [_reporter(self.decisions, _DECISION)], unit="{request}",
-            description="Admission decisions by outcome",
-        )
-        m.create_observable_counter(
-            "tokenmeter.refusals", [_reporter(self.refusals, _REFUSAL)], unit="{request}",
-            description="Requests refused by the processor",
-        )
-        m.create_observable_counter(
-            "tokenmeter.alerts", [_reporter(self.alerts, _ALERT)], unit="{request}",
-            description="Requests over an alert-only limit",
-        )
-        m.create_observable_counter(
-            "gen_ai.client.token.usage", [_reporter(self.tokens, _TOKENS)], unit="{token}",
-            description="Tokens metered per request",
-        )
+        for name, tally, attributes, unit, description in (
+            ("tokenmeter.decisions", self.decisions, _DECISION, "{request}", "Admission decisions by outcome"),
+            ("tokenmeter.refusals", self.refusals, _REFUSAL, "{request}", "Requests refused by the processor"),
+            ("tokenmeter.alerts", self.alerts, _ALERT, "{request}", "Requests over an alert-only limit"),
+            ("gen_ai.client.token.usage", self.tokens, _TOKENS, "{token}", "Tokens metered per request"),
+        ):
+            m.create_observable_counter(name, [_reporter(tally, attributes)], unit=unit, description=description)
 
     def decision(self, key: ApiKey, decision: Decision) -> None:
         self.decisions[(key.tenant, key.project, key.key_id, decision.allowed, decision.degraded,
