@@ -33,6 +33,7 @@ from extproc.metering.request import (
     parse_request,
     schema_for_path,
 )
+from extproc.metering.usage_chunk import UsageChunkFilter
 from extproc.policy.model import Action, ApiKey, Policy
 from extproc.records.record import RecordSink, UsageRecord
 from extproc.service import responses as R
@@ -169,6 +170,8 @@ class RequestState:
     # meters it): the request's accounting belongs to that stream, not to this one's close().
     response_elsewhere: bool = False
     reserving: bool = False  # a reservation may exist in the limiter (the call was made)
+    # we injected stream_options.include_usage and the response comes here: take its chunk back
+    usage_filter: UsageChunkFilter | None = None
 
 
 class StreamProcessor:
@@ -332,6 +335,8 @@ class StreamProcessor:
         if refusal is not None:
             return refusal
         new_body = inject_stream_usage(body) if info.wants_usage_injection else None
+        if new_body is not None and not s.response_elsewhere:
+            s.usage_filter = UsageChunkFilter()
         # Without a headers phase Envoy ignores header mutations; it still needs one (even empty) in
         # the reply to re-route on the new metadata, and R.request_body always sends one.
         set_headers: list[tuple[str, str]] = []
@@ -439,9 +444,11 @@ class StreamProcessor:
         if acc.status is None:
             acc.status = _response_code(req)
         acc.feed(msg.body)
+        # the usage chunk the client did not ask for (we injected include_usage), after metering it
+        body = self.s.usage_filter.filter(msg.body) if self.s.usage_filter is not None else None
         if not msg.end_of_stream:
-            return R.CONTINUE_RESPONSE_BODY
-        return R.response_body(self._finish(complete=True))
+            return R.CONTINUE_RESPONSE_BODY if body is None else R.response_body(body=body)
+        return R.response_body(self._finish(complete=True), body=body)
 
     def observe(self, req: pb.ProcessingRequest) -> bool:
         """A message of an observability-mode stream (no reply is read). True: the response is over,

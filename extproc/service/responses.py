@@ -114,10 +114,16 @@ def response_headers(
 CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
 
-def response_body(metadata: Mapping[str, MetadataValue] | None = None) -> pb.ProcessingResponse:
-    if not metadata:
+def response_body(
+    metadata: Mapping[str, MetadataValue] | None = None, *, body: bytes | None = None
+) -> pb.ProcessingResponse:
+    """The reply to a response body chunk; `body` replaces the chunk (STREAMED mode)."""
+    if not metadata and body is None:
         return CONTINUE_RESPONSE_BODY
-    return _with_metadata(pb.ProcessingResponse(response_body=pb.BodyResponse()), metadata)
+    resp = pb.ProcessingResponse(response_body=pb.BodyResponse())
+    if body is not None:
+        resp.response_body.response.body_mutation.body = body
+    return _with_metadata(resp, metadata)
 
 
 def immediate(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+from extproc.devstack.envoy_config import SHIPPED_CONFIG
 from extproc.devstack.stack import Stack
 from tests.e2e.client import chat, fake_stats, request
 
@@ -75,18 +76,35 @@ def test_non_streaming_usage_is_metered_as_reported(stack: Stack) -> None:
 
 
 def test_streaming_usage_is_metered_as_reported_even_without_include_usage(stack: Stack) -> None:
+    # The processor asks the model server for usage (include_usage) on the client's behalf. Where the
+    # response passes through it (envoy.yaml) it takes the usage chunk the client did not ask for
+    # back, after metering it; where Envoy streams the response alone (observe, native) it cannot.
     reply = chat(stack.base_url, BASIC, stream=True, max_tokens=23)
     assert reply.status == 200
     assert reply.headers["content-type"].startswith("text/event-stream")
     chunks = reply.sse_data()
-    usage = [c["usage"] for c in chunks if c.get("usage")]
-    assert usage, "the processor asks the model server to report usage on streams"
+    usage_only = [c for c in chunks if c.get("choices") == [] and c.get("usage")]
+    if stack.opts.envoy_config == SHIPPED_CONFIG:
+        assert usage_only == []
+    else:
+        assert len(usage_only) == 1
+    assert [c for c in chunks if c.get("choices")][-1]["choices"][0]["finish_reason"] == "length"
+    assert reply.body.rstrip().endswith(b"data: [DONE]")
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
+    assert len(text.split()) == 23
     rid = reply.headers["x-tokenmeter-request-id"]
     rec = _wait_for(lambda: _record(stack, rid))
     assert rec is not None
-    assert rec["completion_tokens"] == usage[-1]["completion_tokens"] == 23
-    assert rec["prompt_tokens"] == usage[-1]["prompt_tokens"]
+    # the fake server reports 23 output tokens and 6 words + 3 per message of prompt
+    assert (rec["completion_tokens"], rec["prompt_tokens"]) == (23, 9)
     assert rec["usage_source"] == "reported"
+
+
+def test_a_client_that_asked_for_usage_gets_its_usage_chunk(stack: Stack) -> None:
+    reply = chat(stack.base_url, BASIC, stream=True, max_tokens=7, include_usage=True)
+    assert reply.status == 200
+    usage_only = [c for c in reply.sse_data() if c.get("choices") == [] and c.get("usage")]
+    assert len(usage_only) == 1 and usage_only[0]["usage"]["completion_tokens"] == 7
 
 
 def test_access_log_carries_attribution_and_tokens(stack: Stack) -> None:
