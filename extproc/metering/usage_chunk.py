@@ -14,9 +14,12 @@ unchanged (model servers write one event per write; the usage event is a few hun
 
 from __future__ import annotations
 
+import re
+
 import orjson
 
-_MARK = b'"choices"'
+# `"choices": []`, however spaced: only the usage chunk has no choices (a cheap test per chunk)
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')
 
 
 class UsageChunkFilter:
@@ -29,7 +32,7 @@ class UsageChunkFilter:
         """The chunk without the usage-only event; None when it is unchanged."""
         starts_clean = self._at_event_start
         self._at_event_start = chunk.endswith((b"\n\n", b"\r\n\r\n"))
-        if _MARK not in chunk or b'"usage"' not in chunk:
+        if _EMPTY_CHOICES.search(chunk) is None:
             return None
         events = chunk.replace(b"\r\n", b"\n").split(b"\n\n") if b"\r" in chunk else chunk.split(b"\n\n")
         # events[-1] is what follows the last blank line: empty, or an event still going on
@@ -47,7 +50,7 @@ class UsageChunkFilter:
 
 
 def _is_usage_only(event: bytes) -> bool:
-    if _MARK not in event:
+    if _EMPTY_CHOICES.search(event) is None:
         return False
     data = b"".join(line[5:].lstrip(b" ") for line in event.split(b"\n") if line.startswith(b"data:"))
     try:
