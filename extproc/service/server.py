@@ -55,8 +55,10 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
                     continue
                 yield await proc.handle(request)
                 if proc.exchange_over:
+                    # Nothing more will come that needs an answer: end the stream from this side.
+                    # (Ended by Envoy's half-close instead, grpc.aio keeps ~120 B per stream.)
                     graceful = True
-                    return  # the response is metered elsewhere: free this stream now
+                    return
             graceful = True  # Envoy half-closed: the exchange ended normally, not by a reset
         finally:
             self.open_streams -= 1

@@ -81,8 +81,9 @@ def test_sigterm_lets_an_open_stream_finish_and_flushes_its_record(each_config_s
     # envoy-native.yaml Envoy's access log stream stays open and must be ended by the processor).
     assert time.monotonic() - sent_at < 5.0
     assert result and result[0].status == 200
-    usage = [c["usage"] for c in result[0].sse_data() if c.get("usage")]
-    assert usage and usage[-1]["completion_tokens"] == 20
+    chunks = result[0].sse_data()
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
+    assert len(text.split()) == 20 and result[0].body.rstrip().endswith(b"data: [DONE]")  # the whole stream
     rec = _wait_record(each_config_stack, result[0].headers["x-tokenmeter-request-id"])
     assert rec["completion_tokens"] == 20 and rec["usage_source"] == "reported"
 
