@@ -6,9 +6,9 @@ TrailersResponse), taken from a table of response messages built once at import.
 mutation, no dynamic metadata, no mode_override, never ``request_drain``: Envoy sees "continue"
 for every message and keeps the processing mode of its config. The stream handler has the same
 shape as the real processor's (extproc/service/server.py: an async generator over the request
-iterator) and the server the same gRPC options, so what remains is grpc.aio's per-stream and
-per-message cost (HTTP/2, completion queue, asyncio tasks, protobuf parse of the request and
-serialization of the reply).
+iterator, ending the stream once the last message Envoy sends is answered) and the server the same
+gRPC options, so what remains is grpc.aio's per-stream and per-message cost (HTTP/2, completion
+queue, asyncio tasks, protobuf parse of the request and serialization of the reply).
 
 The benchmark (bench/run.py, setup "(n)") puts it behind a second copy of the shipped Envoy config.
 
@@ -85,6 +85,7 @@ class NullProcessor:
 
     def __init__(self, routed: bool = False) -> None:
         self.unknown = 0
+        self.routed = routed
         self.table = ROUTED_RESPONSES if routed else RESPONSES
 
     async def Process(
@@ -98,6 +99,13 @@ class NullProcessor:
                 self.unknown += 1
                 continue
             yield resp
+            # Like the real processor, end the stream once the last message Envoy sends is answered
+            # (behind envoy-native.yaml the body; else the end of the response body).
+            kind = request.WhichOneof("request")
+            if (self.routed and kind == "request_body") or (
+                kind == "response_body" and request.response_body.end_of_stream
+            ):
+                return
 
 
 class NullAccessLog:
