@@ -51,7 +51,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from extproc.limiter.memory import InMemoryLimiter
-from extproc.limiter.resp import PipelinedRedis, Template
+from extproc.limiter.resp import PipelinedRedis, Template, pack
 from extproc.limiter.types import (
     KIND_BACKEND,
     KIND_POOL,
@@ -353,20 +353,30 @@ class RedisLimiter:
     ) -> Any:
         await self._initialized(client)
         fast = self._fast if client is self._adm else self._fast_bg if client is self._bg else None
+        if fast is not None:
+            return await self._evalsha_packed(fast, script, pack(("EVALSHA", script.sha, len(keys), *keys, *args)),
+                                              count)
         try:
             if count:
                 self.round_trips += 1
-            if fast is not None:
-                return await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
             return await _command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             if count:
                 self.round_trips += 2
-            if fast is not None:
-                await fast.call("SCRIPT", "LOAD", script.source)
-                return await fast.call("EVALSHA", script.sha, len(keys), *keys, *args)
             await _command(client, "SCRIPT LOAD", script.source)
             return await _command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def _evalsha_packed(self, fast: PipelinedRedis, script: _Script, payload: bytes, count: bool) -> Any:
+        """An EVALSHA already packed (pack, Template.fill) over a pipelined connection."""
+        if count:
+            self.round_trips += 1
+        try:
+            return await fast.call_packed(payload)
+        except NoScriptError:
+            if count:
+                self.round_trips += 2
+            await fast.call("SCRIPT", "LOAD", script.source)
+            return await fast.call_packed(payload)
 
     # -- admission ---------------------------------------------------------------------------------
 
@@ -422,20 +432,19 @@ class RedisLimiter:
         return keys, args
 
     async def reserve(self, r: Reservation) -> Decision:
-        template = self._reserve_templates.get((r.tenant, r.scopes, r.pools)) if self._fast is not None else None
-        if template is None:
-            keys, args = self.encode(r, pools=not self.cluster)  # validates
-        elif not r.request_id:
-            raise ValueError("request_id must not be empty")
+        fast = self._fast
+        if fast is not None:
+            payload = self._reserve_template(r).fill(
+                reservation_key(r.tenant, r.request_id), r.request_id, max(0, int(r.tokens)))
+        else:
+            keys, args = self.encode(r, pools=not self.cluster)
         if not self.breaker.allow():
             return self._degraded(r)
         tenant_done = False
         try:
             async with asyncio.timeout(self._deadline_s):
-                if self._fast is not None:
-                    if template is None:
-                        template = self._reserve_template(r, keys, args)
-                    raw = await self._reserve_fast(self._fast, template, r)
+                if fast is not None:
+                    raw = await self._evalsha_packed(fast, RESERVE, payload, True)
                 else:
                     raw = await self._evalsha(self._adm, RESERVE, keys, args, True)
                 decision = decode_decision(raw, r.request_id)
@@ -461,26 +470,21 @@ class RedisLimiter:
         self.breaker.success()
         return decision
 
-    def _reserve_template(self, r: Reservation, keys: list[str], args: list[str]) -> Template:
-        """reserve.lua's EVALSHA for this caller's scopes and pools, packed once: only the reservation
-        key, the request id and the cost change between a caller's requests (see encode)."""
-        if len(self._reserve_templates) >= 65536:
-            self._reserve_templates.clear()
-        template = self._reserve_templates[(r.tenant, r.scopes, r.pools)] = Template(
-            ("EVALSHA", RESERVE.sha, len(keys)), None, tuple(keys[1:]), None, None, tuple(args[2:])
-        )
+    def _reserve_template(self, r: Reservation) -> Template:
+        """reserve.lua's EVALSHA for this caller's scopes and pools, packed once (encode validates):
+        only the reservation key, the request id and the cost change between a caller's requests."""
+        if not r.request_id:
+            raise ValueError("request_id must not be empty")
+        ck = (r.tenant, r.scopes, r.pools)
+        template = self._reserve_templates.get(ck)
+        if template is None:
+            keys, args = self.encode(r)
+            if len(self._reserve_templates) >= 65536:
+                self._reserve_templates.clear()
+            template = self._reserve_templates[ck] = Template(
+                ("EVALSHA", RESERVE.sha, len(keys)), None, tuple(keys[1:]), None, None, tuple(args[2:])
+            )
         return template
-
-    async def _reserve_fast(self, fast: PipelinedRedis, template: Template, r: Reservation) -> Any:
-        """The admission EVALSHA over the pipelined connection."""
-        payload = template.fill(reservation_key(r.tenant, r.request_id), r.request_id, max(0, int(r.tokens)))
-        self.round_trips += 1
-        try:
-            return await fast.call_packed(payload)
-        except NoScriptError:
-            self.round_trips += 2
-            await fast.call("SCRIPT", "LOAD", RESERVE.source)
-            return await fast.call_packed(payload)
 
     async def _choose_pool_on_cluster(self, r: Reservation, admitted: Decision) -> Decision:
         """Cluster mode, after the tenant's shard admitted: the first pool with room, one call each."""

@@ -44,7 +44,7 @@ def _common(
     return common
 
 
-def set_struct(fields: MutableMapping[str, struct_pb2.Value], values: Mapping[str, MetadataValue]) -> None:
+def _set_struct(fields: MutableMapping[str, struct_pb2.Value], values: Mapping[str, MetadataValue]) -> None:
     """Write values into a Struct's fields in place (about 3x cheaper than Struct.update, which
     type-checks each value in Python and builds a message per field to copy in)."""
     for name, value in values.items():
@@ -60,7 +60,7 @@ def _with_metadata(
     resp: pb.ProcessingResponse, metadata: Mapping[str, MetadataValue] | None
 ) -> pb.ProcessingResponse:
     if metadata:
-        set_struct(resp.dynamic_metadata.fields[NAMESPACE].struct_value.fields, metadata)
+        _set_struct(resp.dynamic_metadata.fields[NAMESPACE].struct_value.fields, metadata)
     return resp
 
 
