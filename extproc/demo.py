@@ -20,7 +20,6 @@ from types import FrameType
 
 import aiohttp
 
-from extproc.devstack import envoy_config
 from extproc.devstack.stack import REPO_ROOT, Stack, StackOptions
 from extproc.records.report import format_table, summarize
 from extproc.records.sink import read_records
@@ -94,20 +93,13 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-ENVOY_CONFIGS = {
-    "envoy": envoy_config.SHIPPED_CONFIG,
-    "observe": envoy_config.OBSERVE_CONFIG,
-    "native": envoy_config.NATIVE_CONFIG,
-}
-
-
-def run_demo(run_dir: Path = DEMO_DIR, config: str = "envoy") -> int:
+def run_demo(run_dir: Path = DEMO_DIR) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     shutil.rmtree(run_dir, ignore_errors=True)
-    stack = Stack(StackOptions(run_dir=run_dir, envoy_config=ENVOY_CONFIGS[config]))
+    stack = Stack(StackOptions(run_dir=run_dir))
     try:
         with stack:
-            print(f"Envoy ({stack.opts.envoy_config.name}) on {stack.base_url}  (run dir {stack.run_dir})",
+            print(f"Envoy (generated from {stack.opts.policy.name}) on {stack.base_url}  (run dir {stack.run_dir})",
                   flush=True)
             print("Sending a mixed burst: 2 tenants, 3 keys and an unknown one, streaming and not", flush=True)
             statuses = asyncio.run(_drive(stack.base_url))

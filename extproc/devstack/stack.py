@@ -27,10 +27,10 @@ from extproc.devstack.binaries import find_envoy
 from extproc.devstack.envoy_config import Endpoint
 from extproc.devstack.ports import free_port, wait_for_port
 from extproc.devstack.redis_proc import RedisProcess, start_redis_server
+from extproc.policy import load_policy
 
 REPO_ROOT = envoy_config.REPO_ROOT
-DEFAULT_POLICY = REPO_ROOT / "policies" / "example.yaml"
-POOLS = ("h100", "cheap")
+DEFAULT_POLICY = envoy_config.SHIPPED_POLICY
 
 
 @dataclass
@@ -68,7 +68,7 @@ class StackOptions:
     envoy_concurrency: int = 1
     processor_uds: bool = False  # Envoy reaches the processor over a Unix domain socket
     processors: int = 1  # processor processes behind Envoy's one processor cluster
-    envoy_config: Path = envoy_config.SHIPPED_CONFIG  # or envoy_config.OBSERVE_CONFIG
+    fake_extra: tuple[str, ...] = ()  # extra arguments of every fake model server
 
 
 @dataclass
@@ -105,10 +105,11 @@ class Stack:
     def start(self) -> None:
         if self.opts.use_redis:
             self.redis = start_redis_server()
-        for pool in POOLS:
+        for pool in self.pools:
             port = free_port()
             self.pool_ports[pool] = port
-            self._spawn(f"model-{pool}", commands.fake_model_argv(pool=pool, host="127.0.0.1", port=port))
+            argv = commands.fake_model_argv(pool=pool, host="127.0.0.1", port=port)
+            self._spawn(f"model-{pool}", [*argv, *self.opts.fake_extra])
         self.start_processor()
         self._start_envoy()
         for pool, port in self.pool_ports.items():
@@ -166,23 +167,25 @@ class Stack:
             p.stop()
             self.procs.remove(p)
 
-    def render_envoy_config(self, source: Path, access_log_path: str) -> dict[str, Any]:
-        """`source` with this stack's listener, admin port and cluster endpoints."""
-        return envoy_config.render(
+    @property
+    def pools(self) -> list[str]:
+        """The policy's pools: one fake model server each."""
+        return [p.name for p in load_policy(self.opts.policy).pools]
+
+    def render_envoy_config(self, access_log_path: str) -> dict[str, Any]:
+        """The generated configuration for the stack's policy, with this stack's addresses."""
+        return envoy_config.render_local(
+            self.opts.policy,
             listen_port=self.envoy_port,
             admin_port=self.admin_port,
-            clusters={
-                "tokenmeter_processor": self.processor_endpoints(),
-                "h100_pool": [Endpoint("127.0.0.1", self.pool_ports["h100"])],
-                "cheap_pool": [Endpoint("127.0.0.1", self.pool_ports["cheap"])],
-            },
+            processor=self.processor_endpoints(),
+            pools={name: [Endpoint("127.0.0.1", port)] for name, port in self.pool_ports.items()},
             access_log_path=access_log_path,
-            source=source,
         )
 
     def _start_envoy(self) -> None:
         self.envoy_port, self.admin_port = free_port(), free_port()
-        config = self.render_envoy_config(self.opts.envoy_config, str(self.access_log))
+        config = self.render_envoy_config(str(self.access_log))
         path = envoy_config.write(config, self.run_dir / "envoy.yaml")
         argv = commands.envoy_argv(config=str(path), concurrency=self.opts.envoy_concurrency)
         # flush the access log file often (Envoy default: 10 s) so tests and the demo can read it

@@ -65,7 +65,7 @@ _LIMIT_INT_KEYS = (
 _LIMIT_KEYS = (*_LIMIT_INT_KEYS, "quota_period", "action")
 _REQUEST_KEYS = ("max_body_bytes", "default_max_tokens", "max_tokens_cap")
 _REDIS_KEYS = ("deadline_ms", "on_failure")
-_POOL_KEYS = ("name", "tokens_per_minute")
+_POOL_KEYS = ("name", "tokens_per_minute", "endpoints")
 _TENANT_KEYS = ("limits", "projects")
 _PROJECT_KEYS = ("limits", "teams")
 _TEAM_KEYS = ("limits",)
@@ -366,9 +366,31 @@ def _pools(node: Node) -> tuple[Pool, ...]:
         if name in seen:
             raise _Invalid(name_node, f"duplicate pool name '{name}' (first at line {seen[name]})")
         seen[name] = _line(name_node)
-        pools.append(Pool(name=name, tokens_per_minute=_optional_int(m, "tokens_per_minute")))
+        pools.append(Pool(
+            name=name, tokens_per_minute=_optional_int(m, "tokens_per_minute"), endpoints=_endpoints(m),
+        ))
     _check_overflow_last(node, pools)
     return tuple(pools)
+
+
+_ENDPOINT = re.compile(r"(?P<host>[A-Za-z0-9][A-Za-z0-9.-]{0,252}|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+
+
+def _endpoints(m: _Map) -> tuple[str, ...]:
+    node = m.get("endpoints")
+    if node is None:
+        return ()
+    where = m.sub("endpoints")
+    if not isinstance(node, SequenceNode) or not node.value:
+        raise _Invalid(node, f"{where} must be a non-empty list of \"host:port\"")
+    out: list[str] = []
+    for item in node.value:
+        text = _string(item, where)
+        match = _ENDPOINT.fullmatch(text)
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise _Invalid(item, f"{where}: '{text}' is not host:port (e.g. model-h100:8000)")
+        out.append(text)
+    return tuple(out)
 
 
 def _check_overflow_last(node: SequenceNode, pools: list[Pool]) -> None:

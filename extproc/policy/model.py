@@ -86,6 +86,9 @@ class ApiKey:
 class Pool:
     name: str  # routing value written to dynamic metadata, e.g. "h100"
     tokens_per_minute: int | None = None  # ceiling; None = no ceiling (an overflow pool)
+    # where the pool's model servers listen ("host:port"): `tokenmeter envoy-config` renders one
+    # Envoy cluster per pool from these (Envoy reads them at start; the processor never does)
+    endpoints: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

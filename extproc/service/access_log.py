@@ -104,12 +104,14 @@ def _admitted_but_lost(ctx: Context, entry: alog.HTTPAccessLogEntry, acct: Respo
     (it timed out, or the client left while it was on the wire), so no route sent the request to a
     model server. Recorded as aborted, once.
 
-    Envoy's request id is the client's x-request-id when it sends one, so a client can make another
-    of its requests look like this one. The reservation is therefore given back only when Envoy
-    itself says its ext_proc call failed; otherwise it stays charged (a client can only overpay)."""
+    The join is on Envoy's request id, which Envoy issues itself for every request (the listener
+    takes no client's x-request-id: use_remote_address, extproc.envoy.config). Such an entry carries
+    no seal, so with a settle secret it never refunds; without one, the reservation is given back
+    only when Envoy says its ext_proc call failed. Otherwise it stays charged until its window
+    passes: an error can only overcharge a limit window, never the bill (usage is 0)."""
     acct.status = _status(entry)
     acct.record.decision = "aborted"
-    refund = entry.response.response_code_details.startswith("ext_proc")
+    refund = ctx.seal is None and entry.response.response_code_details.startswith("ext_proc")
     acct.finish_counted(Usage(0, 0) if refund else None, body_bytes=0, complete=refund, response_model=None,
                         duration_ms=_duration_ms(entry.common_properties),
                         limiter=ctx.limiter, sink=ctx.sink, telemetry=ctx.telemetry)
@@ -124,6 +126,8 @@ def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
     admitted = filter_md.get(NAMESPACE)
     ours = ctx.by_envoy_id.pop(entry.request.request_id) if entry.request.request_id else None
     if admitted is None:
+        # Envoy answered it without the processor's word: it never reached the processor (no body,
+        # a body over Envoy's buffer, ...), or Envoy never applied the processor's reply.
         if ours is None:
             _record_unseen(ctx, entry)
         else:

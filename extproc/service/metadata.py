@@ -11,14 +11,19 @@ H_KEY_ID = "x-tokenmeter-key-id"
 H_POOL = "x-tokenmeter-pool"
 H_REQUEST_ID = "x-tokenmeter-request-id"
 
-# envoy/envoy-native.yaml: the namespace Envoy's json_to_metadata / sse_to_metadata write counted
-# usage to, and the name of the gRPC access log whose entries settle requests.
+# The namespace Envoy's json_to_metadata / sse_to_metadata write counted usage to, and the name of
+# the gRPC access log whose entries settle requests.
 USAGE_NAMESPACE = "tokenmeter.usage"
 SETTLE_LOG_NAME = "tokenmeter.settle"
 
-# envoy/envoy-native.yaml skips the request headers: Envoy sends these CEL attributes with the body
-# instead (its request_attributes), each standing for a header. request.id is Envoy's x-request-id:
-# how an access log entry finds a request whose reply was lost.
+# Admission metadata key: the gateway injected stream_options.include_usage for a client that did
+# not ask, and the route that takes that usage event back out of the stream must serve it.
+STRIP_USAGE_KEY = "strip_usage"
+
+# Envoy skips the request headers: it sends these CEL attributes with the body instead (its
+# request_attributes), each standing for a header. request.id is the id Envoy issues for the
+# request (never the client's: the listener regenerates x-request-id): how an access log entry
+# without our metadata finds an admission whose reply Envoy never applied.
 ATTRIBUTE_HEADERS = {
     "request.path": ":path",
     "request.method": ":method",

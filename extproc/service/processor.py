@@ -52,6 +52,7 @@ from extproc.service.metadata import (
     H_TENANT,
     HEADER_PREFIX,
     NAMESPACE,
+    STRIP_USAGE_KEY,
 )
 from extproc.service.ratelimit_headers import ratelimit_headers, ratelimit_metadata, retry_after
 from extproc.service.seal import SEAL_KEY, Seal
@@ -93,8 +94,9 @@ class Context:
         self.telemetry = telemetry or Telemetry()
         # admitted here, response accounted for elsewhere, not ended yet
         self.inflight: Inflight[ResponseAccounting] = Inflight()
-        # envoy-native.yaml: Envoy's request id -> ours, for each body-only request until its access
-        # log entry (ids only: this table lives as long as the responses, it must stay small)
+        # Envoy's request id -> ours, for each body-only request until its access log entry: how an
+        # entry without our metadata (Envoy never applied the reply) finds its admission. Envoy
+        # issues that id (the listener ignores a client's x-request-id). Ids only: small.
         self.by_envoy_id: Inflight[str] = Inflight()
 
         # derived from the live policy once per key, not per request (dropped when it reloads)
@@ -207,7 +209,7 @@ class StreamProcessor:
                 # the path, method and credentials as attributes. One message for the whole request.
                 headers = _attribute_headers(req)
                 envoy_id = headers.get("x-request-id")
-                if envoy_id:  # how this request's access log entry finds it, if our reply is lost
+                if envoy_id:
                     self.ctx.by_envoy_id.add(envoy_id, self.s.request_id)
                 return await self._admit_headers(headers, end_of_stream=False, body=req.request_body)
             return await self._on_request_body(req.request_body)
@@ -354,6 +356,9 @@ class StreamProcessor:
         s.record.decision = str(metadata["decision"])
         s.accounting = ResponseAccounting(s.record, schema=schema, prompt_estimate=info.prompt_tokens_estimate)
         metadata.update(s.accounting.to_metadata())
+        if new_body is not None:
+            # the route that serves it takes the usage event the client did not ask for back out
+            metadata[STRIP_USAGE_KEY] = True
         if self.ctx.seal is not None:
             metadata[SEAL_KEY] = self.ctx.seal.sign(metadata)
         if s.response_elsewhere:

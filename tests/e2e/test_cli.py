@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from extproc.devstack.stack import DEFAULT_POLICY
 
 TOKENMETER = str(Path(sys.executable).parent / "tokenmeter")
@@ -49,9 +47,8 @@ def test_hash_key_prints_the_sha256_the_policy_stores() -> None:
     assert digest in DEFAULT_POLICY.read_text()
 
 
-@pytest.mark.parametrize("config", ["envoy", "native"])
-def test_demo_runs_the_stack_and_prints_the_usage_table(tmp_path: Path, config: str) -> None:
-    result = _run("demo", "--run-dir", str(tmp_path / "demo"), "--envoy-config", config, timeout=180)
+def test_demo_runs_the_stack_and_prints_the_usage_table(tmp_path: Path) -> None:
+    result = _run("demo", "--run-dir", str(tmp_path / "demo"), timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     rows = {line.split()[1]: line.split() for line in out.splitlines() if line.startswith(("acme ", "globex "))}

@@ -1,17 +1,31 @@
-"""Every Envoy config we ship, and the loopback rendering the tests run, passes `envoy --mode validate`."""
+"""The one Envoy configuration: generated from the policy by `tokenmeter envoy-config`, shipped
+current, and valid to Envoy (`envoy --mode validate`) standalone, on loopback and as Istio's filters."""
 
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from extproc.devstack import envoy_config
 from extproc.devstack.binaries import find_envoy
-from extproc.devstack.envoy_config import REPO_ROOT, Endpoint
+from extproc.devstack.envoy_config import ISTIO_CONFIG, REPO_ROOT, SHIPPED_CONFIG, SHIPPED_POLICY, render_local
+from extproc.envoy.config import Endpoint, pool_cluster, write
+from extproc.service.metadata import ATTRIBUTE_HEADERS
 
-SHIPPED = sorted((REPO_ROOT / "envoy").glob("*.yaml"))
+THREE_POOLS = """\
+version: "three"
+pools:
+  - {name: h100, tokens_per_minute: 1000, endpoints: ["gpu-a:8000", "gpu-b:8000"]}
+  - {name: a100, tokens_per_minute: 5000, endpoints: ["10.0.0.7:9000"]}
+  - {name: cpu, endpoints: ["cpu-pool:8000"]}
+tenants: {acme: {projects: {chat: {}}}}
+keys:
+  - {id: k, sha256: "b75e14d5d5d23f8c5401adbabaf6150a5f7bd0f450b9bb193eba9d0938bbee84", tenant: acme, project: chat}
+"""
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess[str]:
@@ -23,77 +37,113 @@ def _validate(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_shipped_envoy_config_is_valid(path: Path) -> None:
-    result = _validate(path)
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "extproc.cli", "envoy-config", *args],
+                          capture_output=True, text=True, timeout=60, cwd=REPO_ROOT)
+
+
+def _hcm(config: dict[str, Any]) -> dict[str, Any]:
+    hcm: dict[str, Any] = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm
+
+
+def test_the_shipped_configs_are_what_the_generator_renders_from_the_example_policy() -> None:
+    standalone = _cli("--policy", "policies/example.yaml")
+    assert standalone.returncode == 0, standalone.stderr
+    assert SHIPPED_CONFIG.read_text() == standalone.stdout, (
+        "regenerate: tokenmeter envoy-config --policy policies/example.yaml -o envoy/envoy.yaml")
+    istio = _cli("--policy", "policies/example.yaml", "--istio")
+    assert istio.returncode == 0, istio.stderr
+    assert ISTIO_CONFIG.read_text() == istio.stdout, (
+        "regenerate: tokenmeter envoy-config --policy policies/example.yaml --istio -o envoy/istio/envoyfilter.yaml")
+    assert sorted(p.name for p in (REPO_ROOT / "envoy").glob("*.yaml")) == ["envoy.yaml"], "one configuration"
+
+
+def test_shipped_config_is_valid() -> None:
+    result = _validate(SHIPPED_CONFIG)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout
 
 
+def test_every_pool_of_the_policy_gets_a_cluster_and_its_routes(tmp_path: Path) -> None:
+    policy = tmp_path / "three.yaml"
+    policy.write_text(THREE_POOLS)
+    out = tmp_path / "envoy.yaml"
+    result = _cli("--policy", str(policy), "--processor", "unix:/run/tm.sock", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(out.read_text())
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    assert set(clusters) == {"tokenmeter_processor", "h100_pool", "a100_pool", "cpu_pool"}
+    h100_hosts = [e["endpoint"]["address"]["socket_address"]["address"]
+                  for e in clusters["h100_pool"]["load_assignment"]["endpoints"][0]["lb_endpoints"]]
+    assert h100_hosts == ["gpu-a", "gpu-b"] and clusters["h100_pool"]["type"] == "STRICT_DNS"
+    assert clusters["a100_pool"]["type"] == "STATIC"
+    routed = [r["route"]["cluster"] for r in _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+              if "dynamic_metadata" in r["match"]]
+    assert routed == [pool_cluster(p) for p in ("h100", "h100", "a100", "a100", "cpu", "cpu")]
+    assert _validate(out).returncode == 0
+
+
+def test_a_pool_without_endpoints_is_refused_with_its_name(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(THREE_POOLS.replace(', endpoints: ["cpu-pool:8000"]', ""))
+    result = _cli("--policy", str(policy))
+    assert result.returncode == 2 and "pool 'cpu' has no endpoints" in result.stderr
+
+
 def test_rendered_loopback_config_is_valid(tmp_path: Path) -> None:
-    config = envoy_config.render(
+    config = render_local(
+        SHIPPED_POLICY,
         listen_port=18080,
         admin_port=19901,
-        clusters={
-            "tokenmeter_processor": [Endpoint(uds=str(tmp_path / "tm.sock"))],
-            "h100_pool": [Endpoint("127.0.0.1", 18001)],
-            "cheap_pool": [Endpoint("127.0.0.1", 18002)],
-        },
+        processor=[Endpoint(uds=str(tmp_path / "tm.sock"))],
+        pools={"h100": [Endpoint("127.0.0.1", 18001)], "cheap": [Endpoint("127.0.0.1", 18002)]},
         access_log_path=str(tmp_path / "access.log"),
     )
-    result = _validate(envoy_config.write(config, tmp_path / "envoy.yaml"))
+    result = _validate(write(config, tmp_path / "envoy.yaml"))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_a_broken_config_fails_validation(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text((REPO_ROOT / "envoy" / "envoy.yaml").read_text().replace("cluster: h100_pool", "cluster: 7"))
+    bad.write_text(SHIPPED_CONFIG.read_text().replace("cluster: h100_pool", "cluster: 7"))
     assert _validate(bad).returncode != 0
 
 
-def test_istio_envoyfilter_patch_is_a_valid_envoy_filter(tmp_path: Path) -> None:
-    """The filter the Istio EnvoyFilter inserts is validated by Envoy inside the shipped bootstrap,
-    and it matches the shipped filter (same processing mode and header rules)."""
-    import yaml
-
-    patch = yaml.safe_load((REPO_ROOT / "envoy" / "istio" / "envoyfilter.yaml").read_text())
-    istio_filter = patch["spec"]["configPatches"][0]["patch"]["value"]
-    config = yaml.safe_load((REPO_ROOT / "envoy" / "envoy.yaml").read_text())
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    shipped_filter = hcm["http_filters"][0]
-    for field in ("processing_mode", "forward_rules", "metadata_options", "failure_mode_allow", "response_attributes"):
-        assert istio_filter["typed_config"][field] == shipped_filter["typed_config"][field], field
-    vhost_patch = patch["spec"]["configPatches"][1]["patch"]["value"]
-    shipped_vhost = hcm["route_config"]["virtual_hosts"][0]
-    assert vhost_patch["response_headers_to_add"] == shipped_vhost["response_headers_to_add"]
-    hcm["http_filters"][0] = istio_filter
-    config["static_resources"]["clusters"][0]["name"] = "outbound|50051||tokenmeter.tokenmeter.svc.cluster.local"
+def test_the_istio_envoyfilter_carries_the_same_filters_and_they_validate(tmp_path: Path) -> None:
+    """Istio renders the filters, the settle access log and the routes of the standalone config; put
+    back into a bootstrap (with Istio's cluster names), Envoy accepts them."""
+    (envoy_filter,) = yaml.safe_load_all(ISTIO_CONFIG.read_text())
+    patches = envoy_filter["spec"]["configPatches"]
+    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    hcm = _hcm(config)
+    inserted = [p["patch"]["value"] for p in patches if p["applyTo"] == "HTTP_FILTER"]
+    assert [f["name"] for f in inserted] == [f["name"] for f in hcm["http_filters"][:-1]]
+    hcm["http_filters"][:-1] = inserted
+    (merge,) = [p["patch"]["value"] for p in patches if p["applyTo"] == "NETWORK_FILTER"]
+    hcm["access_log"][1:] = merge["typed_config"]["access_log"]
+    (vhost,) = [p["patch"]["value"] for p in patches if p["applyTo"] == "VIRTUAL_HOST"]
+    hcm["route_config"]["virtual_hosts"][0].update(vhost)
+    istio_clusters = {"outbound|50051||tokenmeter.tokenmeter.svc.cluster.local": "tokenmeter_processor",
+                      "outbound|8000||model-h100": "h100_pool", "outbound|8000||model-cheap": "cheap_pool"}
+    for cluster in config["static_resources"]["clusters"]:
+        renamed = next(k for k, v in istio_clusters.items() if v == cluster["name"])
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = renamed
     path = tmp_path / "istio-equivalent.yaml"
     path.write_text(yaml.safe_dump(config))
     result = _validate(path)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_observe_variant_is_generated_from_the_main_config() -> None:
-    import yaml
-
-    shipped = yaml.safe_load((REPO_ROOT / "envoy" / "envoy.yaml").read_text())
-    observe = yaml.safe_load((REPO_ROOT / "envoy" / "envoy-observe.yaml").read_text())
-    assert observe == envoy_config.observe_variant(shipped), "regenerate: see the header of envoy-observe.yaml"
+def test_envoy_is_asked_for_every_attribute_the_processor_reads() -> None:
+    config = yaml.safe_load(SHIPPED_CONFIG.read_text())
+    ext_proc = next(f for f in _hcm(config)["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
+    assert set(ext_proc["typed_config"]["request_attributes"]) == set(ATTRIBUTE_HEADERS)
 
 
-def test_native_variant_is_generated_from_the_main_config() -> None:
-    import yaml
-
-    shipped = yaml.safe_load((REPO_ROOT / "envoy" / "envoy.yaml").read_text())
-    native = yaml.safe_load((REPO_ROOT / "envoy" / "envoy-native.yaml").read_text())
-    assert native == envoy_config.native_variant(shipped), "regenerate: see the header of envoy-native.yaml"
-
-
-def test_native_variant_asks_envoy_for_every_attribute_the_processor_reads() -> None:
-    from extproc.service import processor
-
-    native = envoy_config.native_variant(envoy_config.render(listen_port=1, admin_port=2, clusters={}))
-    hcm = native["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    ext_proc = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")
-    assert set(ext_proc["typed_config"]["request_attributes"]) == set(processor._ATTRIBUTE_HEADERS)
+@pytest.mark.parametrize("flag", ["--istio", None])
+def test_a_bad_policy_is_reported_with_file_and_line(tmp_path: Path, flag: str | None) -> None:
+    policy = tmp_path / "bad.yaml"
+    policy.write_text(THREE_POOLS.replace("tokens_per_minute: 5000", "tokens_per_minute: -5"))
+    result = _cli("--policy", str(policy), *([flag] if flag else []))
+    assert result.returncode == 2 and f"{policy}:" in result.stderr

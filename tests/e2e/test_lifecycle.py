@@ -14,7 +14,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from extproc.devstack.envoy_config import NATIVE_CONFIG, OBSERVE_CONFIG, SHIPPED_CONFIG
 from extproc.devstack.stack import Stack, StackOptions
 from tests.e2e.client import Reply, chat
 from tests.e2e.conftest import E2E_POLICY
@@ -30,11 +29,9 @@ def own_stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
 
 
-@pytest.fixture(params=[SHIPPED_CONFIG, OBSERVE_CONFIG, NATIVE_CONFIG],
-    ids=["envoy", "envoy-observe", "envoy-native"],
-)
-def each_config_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    with Stack(StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run", envoy_config=request.param)) as s:
+@pytest.fixture
+def each_config_stack(tmp_path: Path) -> Iterator[Stack]:
+    with Stack(StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run")) as s:
         yield s
 
 
@@ -200,10 +197,10 @@ def test_shadow_mode_meters_and_records_but_never_refuses(tmp_path: Path) -> Non
         assert chat(s.base_url, "sk-unknown").status == 401  # identity is still enforced
 
 
-def test_native_replicas_settle_each_others_requests_and_stop_without_waiting_out_the_grace(
+def test_replicas_settle_each_others_requests_and_stop_without_waiting_out_the_grace(
     tmp_path: Path,
 ) -> None:
-    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "two", processors=2, envoy_config=NATIVE_CONFIG)
+    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "two", processors=2)
     with Stack(opts) as s:
         rids = [chat(s.base_url, BASIC, max_tokens=2).headers["x-tokenmeter-request-id"] for _ in range(8)]
         assert len({rid.split("-", 1)[0] for rid in rids}) == 2, "both processes admitted requests"
@@ -216,11 +213,10 @@ def test_native_replicas_settle_each_others_requests_and_stop_without_waiting_ou
             assert time.monotonic() - started < 5.0, f"{proc.name} waited out its grace period"
 
 
-@pytest.mark.parametrize("config", [NATIVE_CONFIG, OBSERVE_CONFIG], ids=["envoy-native", "envoy-observe"])
-def test_a_settle_secret_seals_admissions_and_they_still_settle(tmp_path: Path, config: Path) -> None:
+def test_a_settle_secret_seals_admissions_and_they_still_settle(tmp_path: Path) -> None:
     secret = tmp_path / "settle.secret"
     secret.write_text("e2e-settle-secret-0123456789\n")
-    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run", envoy_config=config,
+    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run",
                         processor_extra=("--settle-secret-file", str(secret)))
     with Stack(opts) as s:
         for stream in (False, True):

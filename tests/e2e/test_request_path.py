@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-from extproc.devstack.envoy_config import SHIPPED_CONFIG
 from extproc.devstack.stack import Stack
 from tests.e2e.client import chat, fake_stats, request
 
@@ -76,18 +75,13 @@ def test_non_streaming_usage_is_metered_as_reported(stack: Stack) -> None:
 
 
 def test_streaming_usage_is_metered_as_reported_even_without_include_usage(stack: Stack) -> None:
-    # The processor asks the model server for usage (include_usage) on the client's behalf. Where the
-    # response passes through it (envoy.yaml) it takes the usage chunk the client did not ask for
-    # back, after metering it; where Envoy streams the response alone (observe, native) it cannot.
+    # The processor asks the model server for usage (include_usage) on the client's behalf; Envoy
+    # meters it and takes the usage event the client did not ask for back out of the stream.
     reply = chat(stack.base_url, BASIC, stream=True, max_tokens=23)
     assert reply.status == 200
     assert reply.headers["content-type"].startswith("text/event-stream")
     chunks = reply.sse_data()
-    usage_only = [c for c in chunks if c.get("choices") == [] and c.get("usage")]
-    if stack.opts.envoy_config == SHIPPED_CONFIG:
-        assert usage_only == []
-    else:
-        assert len(usage_only) == 1
+    assert [c for c in chunks if c.get("choices") == []] == []
     assert [c for c in chunks if c.get("choices")][-1]["choices"][0]["finish_reason"] == "length"
     assert reply.body.rstrip().endswith(b"data: [DONE]")
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
@@ -118,8 +112,7 @@ def test_access_log_carries_attribution_and_tokens(stack: Stack) -> None:
     assert log is not None
     assert log["tenant"] == "acme" and log["project"] == "chat" and log["key_id"] == "e2e-basic"
     assert log["model"] == "llama-test"
-    if stack.opts.envoy_config.name == "envoy.yaml":  # observe mode: Envoy reads no reply on responses
-        assert log["completion_tokens"] == 9
+    assert log["completion_tokens"] == 9
     assert log["decision"] == "admitted"
     assert log["pool"] in ("h100", "cheap")
     assert "e2e-basic-key" not in json.dumps(log)
@@ -238,10 +231,8 @@ def test_body_over_envoys_buffer_gets_the_same_json_413(stack: Stack) -> None:
     assert reply.status == 413
     assert reply.headers["content-type"].startswith("application/json")
     assert reply.json()["error"]["code"] == "request_too_large"
-    if stack.opts.envoy_config.name == "envoy-observe.yaml":
-        return  # known gap: there Envoy may reset the stream before the processor has read the headers
-    # recorded too: "aborted" by the processor (it saw the headers), or "refused_by_envoy" (envoy-native.yaml)
-    assert _wait_for(lambda: _new_record(stack, records, lambda r: r["decision"] in ("aborted", "refused_by_envoy")))
+    # recorded too: Envoy refused it before the processor saw it
+    assert _wait_for(lambda: _new_record(stack, records, lambda r: r["decision"] == "refused_by_envoy"))
 
 
 def test_upstream_error_with_no_body_is_recorded_and_not_charged(stack: Stack) -> None:
@@ -250,8 +241,7 @@ def test_upstream_error_with_no_body_is_recorded_and_not_charged(stack: Stack) -
     rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
     assert rec is not None, "a response without a body still gets its usage record"
     assert rec["prompt_tokens"] == rec["completion_tokens"] == 0
-    if stack.opts.envoy_config.name != "envoy.yaml":  # envoy.yaml skips response headers: no status
-        assert rec["status"] == 503
+    assert rec["status"] == 503
 
 
 def test_path_spelling_tricks_are_still_metered_or_refused(stack: Stack) -> None:
@@ -304,9 +294,9 @@ def test_a_post_without_a_body_gets_400_and_never_reaches_a_model_server(stack: 
     assert reply.status == 400
     assert reply.json()["error"]["type"] == "invalid_request_error"
     assert {pool: fake_stats(port)["requests"] for pool, port in stack.pool_ports.items()} == before
-    # and it has its usage record, whether the processor (envoy.yaml) or Envoy (envoy-native.yaml) refused it
+    # and it has its usage record: Envoy refused it (the processor never saw a body)
     rec = _wait_for(lambda: _new_record(
-        stack, records, lambda r: r["status"] == 400 and r["decision"] in ("bad_request", "refused_by_envoy")))
+        stack, records, lambda r: r["status"] == 400 and r["decision"] == "refused_by_envoy"))
     assert rec is not None and rec["completion_tokens"] == 0 and rec["reserved_tokens"] == 0
 
 

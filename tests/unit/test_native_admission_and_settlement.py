@@ -374,6 +374,19 @@ async def test_a_client_gone_while_reserving_gets_one_record_not_two() -> None:
     assert [r.decision for r in sink.records] == ["aborted"]
 
 
+async def test_with_a_settle_secret_an_entry_without_metadata_never_refunds() -> None:
+    # Such an entry carries no seal: anyone who can reach the processor's port could have sent it.
+    ctx, limiter, sink = _sealed_context()
+    await StreamProcessor(ctx).handle(body_only(CHAT, envoy_id="envoy-lost"))
+    entry = alog.HTTPAccessLogEntry()
+    entry.request.request_id = "envoy-lost"
+    entry.response.response_code.value = 504
+    entry.response.response_code_details = "ext_proc_error_gRPC_error_4"
+    assert not settle_entry(ctx, entry)
+    assert [s[2] for s in limiter.settled] == [limiter.reserved[0].tokens]  # stays charged
+    assert [r.decision for r in sink.records] == ["aborted_incomplete"]
+
+
 def _sealed_context() -> tuple[Context, RecordingLimiter, ListSink]:
     from extproc.service.seal import Seal
 

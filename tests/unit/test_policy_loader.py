@@ -98,7 +98,7 @@ def test_example_policy_attributes_each_key_and_sets_its_limits() -> None:
 
 def test_example_policy_has_tenants_pools_and_rules() -> None:
     policy = load_policy(EXAMPLE)
-    assert policy.pools == (Pool("h100", 3000), Pool("cheap", None))
+    assert policy.pools == (Pool("h100", 3000, ("model-h100:8000",)), Pool("cheap", None, ("model-cheap:8000",)))
     assert set(policy.tenants) == {"acme", "globex"}
     acme = policy.tenants["acme"]
     assert (acme.limits.tokens_per_minute, acme.limits.requests_per_minute) == (200000, 1200)
@@ -376,7 +376,25 @@ ERROR_CASES = [
         "merge keys (<<) are not supported",
         id="merge-key",
     ),
+    pytest.param(
+        "    tokens_per_minute: 100\n",
+        "    tokens_per_minute: 100\n    endpoints: [\"gpu-1\"]  #<\n",
+        "'gpu-1' is not host:port",
+        id="endpoint-without-port",
+    ),
+    pytest.param(
+        "    tokens_per_minute: 100\n",
+        "    tokens_per_minute: 100\n    endpoints: []  #<\n",
+        "must be a non-empty list",
+        id="endpoints-empty",
+    ),
 ]
+
+
+def test_pool_endpoints_are_read() -> None:
+    endpoints = '    endpoints: ["gpu-1:8000", "[::1]:9"]\n'
+    text = _edit("    tokens_per_minute: 100\n", "    tokens_per_minute: 100\n" + endpoints)
+    assert parse_policy(text, "p.yaml").pools[0].endpoints == ("gpu-1:8000", "[::1]:9")
 
 
 @pytest.mark.parametrize(("old", "new", "reason"), ERROR_CASES)

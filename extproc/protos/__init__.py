@@ -1,0 +1,1 @@
+"""This project's own protobuf messages: the Python code generated from protos/ (see codegen)."""

@@ -1,0 +1,165 @@
+"""AdmissionFacts in Envoy's dynamic metadata (namespace `tokenmeter`): encode at admission, decode
+at settlement.
+
+The whole message travels as one string field, `facts`: the base64 of its serialized bytes
+(`facts_bytes`). That is what settlement trusts, and what the HMAC seal covers, byte for byte:
+
+    data = facts_bytes(facts)
+    metadata = facts_to_struct_fields(facts)          # metadata["facts"] == base64 of `data`
+    metadata["seal"] = hmac(secret, data)
+    ...
+    data = facts_payload(entry_metadata)              # the exact bytes that came back
+    if data is not None and hmac(secret, data) == entry_metadata["seal"]:
+        facts = parse_facts(data)
+
+Verify the bytes that came back, not a re-serialization of what was parsed from them (a newer
+writer's unknown fields would not survive it). Deterministic serialization only makes one writer's
+bytes stable for the same message; nothing here relies on two writers agreeing.
+
+Next to it, a few facts are copied as plain string fields (`PLAIN_FIELDS`) for the readers that
+cannot parse a proto: Envoy's access log formatters (`%DYNAMIC_METADATA(tokenmeter:tenant)%`), route
+matches and header values (`pool`), and people reading a log line; and `strip_usage: true` when the
+gateway injected include_usage (the route that takes the usage event back out matches on it). They
+are for display and routing only; settlement never reads them. The rl_* rate-limit header values
+are not facts and are not written here.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping
+
+from google.protobuf import message, struct_pb2
+
+from extproc.metering.request import normalize_path
+from extproc.metering.usage import Schema
+from extproc.protos.tokenmeter.v1 import admission_pb2 as pb
+from extproc.protos.tokenmeter.v1.admission_pb2 import AdmissionFacts
+from extproc.service.metadata import STRIP_USAGE_KEY
+
+__all__ = [
+    "FACTS_KEY",
+    "PLAIN_FIELDS",
+    "AdmissionFacts",
+    "api_for_path",
+    "decision_label",
+    "facts_bytes",
+    "facts_from_struct",
+    "facts_payload",
+    "facts_to_struct_fields",
+    "parse_facts",
+    "schema_for_api",
+]
+
+FACTS_KEY = "facts"
+
+# The plain copies, by metadata key (the keys envoy/*.yaml reads today). `decision` is the label of
+# `decision_label`, `model` the requested model.
+PLAIN_FIELDS = ("request_id", "tenant", "project", "team", "key_id", "pool", "policy_version", "decision", "model")
+
+# Decision -> the label the usage record, telemetry and Envoy's access log use.
+_LABELS: dict[int, str] = {
+    pb.DECISION_UNSPECIFIED: "pending",
+    pb.DECISION_ADMITTED: "admitted",
+    pb.DECISION_ADMITTED_ALERT: "alert",
+    pb.DECISION_ADMITTED_SHADOW: "shadow",
+    pb.DECISION_THROTTLED: "throttled",
+    pb.DECISION_BLOCKED: "blocked",
+    pb.DECISION_REFUSED_UNAUTHENTICATED: "refused",
+    pb.DECISION_REFUSED_BAD_REQUEST: "bad_request",
+    pb.DECISION_REFUSED_TOO_LARGE: "too_large",
+    pb.DECISION_REFUSED_UNSUPPORTED: "unsupported",
+    pb.DECISION_REFUSED_BACKEND: "refused_backend",
+}
+_ADMITTED = (pb.DECISION_ADMITTED, pb.DECISION_ADMITTED_ALERT, pb.DECISION_ADMITTED_SHADOW)
+
+# Normalized path (extproc.metering.request.normalize_path) -> Api.
+_APIS: dict[str, pb.Api] = {
+    "/v1/chat/completions": pb.API_OPENAI_CHAT,
+    "/v1/completions": pb.API_OPENAI_COMPLETIONS,
+    "/v1/embeddings": pb.API_OPENAI_EMBEDDINGS,
+    "/v1/responses": pb.API_OPENAI_RESPONSES,
+    "/v1/messages": pb.API_ANTHROPIC_MESSAGES,
+}
+
+
+def decision_label(decision: int, *, degraded: bool = False) -> str:
+    """The label of a Decision value: "admitted", "alert", "shadow" ("_degraded" added to these when the
+    limiter decided without its backend), "throttled", "blocked", "refused", "bad_request", ..."""
+    label = _LABELS.get(decision, "pending")
+    return f"{label}_degraded" if degraded and decision in _ADMITTED else label
+
+
+def api_for_path(path: str) -> pb.Api:
+    """The API of a request path (any query string or odd spelling: see normalize_path);
+    API_UNSPECIFIED for a path that is not a metered inference endpoint."""
+    return _APIS.get(normalize_path(path), pb.API_UNSPECIFIED)
+
+
+def schema_for_api(api: pb.Api) -> Schema | None:
+    """The request and response schema of an API; None for API_UNSPECIFIED."""
+    if api == pb.API_UNSPECIFIED:
+        return None
+    return Schema.ANTHROPIC if api == pb.API_ANTHROPIC_MESSAGES else Schema.OPENAI
+
+
+def facts_bytes(facts: AdmissionFacts) -> bytes:
+    """The serialized message (deterministic serialization): the `facts` field's bytes, which the
+    seal signs."""
+    return facts.SerializeToString(deterministic=True)
+
+
+def facts_to_struct_fields(facts: AdmissionFacts) -> dict[str, str | bool]:
+    """The dynamic metadata fields for the facts: `facts` (base64 of `facts_bytes`), the plain
+    copies of PLAIN_FIELDS (empty strings for unset ones, as the processor writes today), and
+    `strip_usage: True` only when `usage_injected`."""
+    fields: dict[str, str | bool] = {
+        "request_id": facts.request_id,
+        "tenant": facts.tenant,
+        "project": facts.project,
+        "team": facts.team,
+        "key_id": facts.key_id,
+        "pool": facts.pool,
+        "policy_version": facts.policy_version,
+        "decision": decision_label(facts.decision, degraded=facts.degraded),
+        "model": facts.requested_model,
+        FACTS_KEY: base64.b64encode(facts_bytes(facts)).decode("ascii"),
+    }
+    if facts.usage_injected:
+        fields[STRIP_USAGE_KEY] = True
+    return fields
+
+
+def _fields(struct: struct_pb2.Struct | Mapping[str, struct_pb2.Value]) -> Mapping[str, struct_pb2.Value]:
+    return struct.fields if isinstance(struct, struct_pb2.Struct) else struct
+
+
+def facts_payload(struct: struct_pb2.Struct | Mapping[str, struct_pb2.Value]) -> bytes | None:
+    """The serialized facts exactly as they came back (the bytes to verify the seal over); None
+    when there is no `facts` string field, or it is empty (the processor never writes an empty
+    message: request_id is always set) or not valid base64."""
+    value = _fields(struct).get(FACTS_KEY)
+    if value is None or value.WhichOneof("kind") != "string_value":
+        return None
+    try:
+        return base64.b64decode(value.string_value, validate=True) or None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def parse_facts(data: bytes) -> AdmissionFacts | None:
+    """The message from its bytes; None when they are not an AdmissionFacts."""
+    facts = AdmissionFacts()
+    try:
+        facts.ParseFromString(data)
+    except message.DecodeError:
+        return None
+    return facts
+
+
+def facts_from_struct(struct: struct_pb2.Struct | Mapping[str, struct_pb2.Value]) -> AdmissionFacts | None:
+    """The facts carried in dynamic metadata (a Struct, or its `fields`), from the `facts` field
+    only; None when it is missing or malformed. Does not check the seal: see facts_payload."""
+    data = facts_payload(struct)
+    return parse_facts(data) if data is not None else None
