@@ -18,8 +18,12 @@ The request path, in Envoy's filter order (requests top-down, responses bottom-u
                      gateway asked for on a client's behalf; synchronous, never holds a chunk
   json_to_metadata   reads the server's usage from JSON bodies  -> tokenmeter.usage
   sse_to_metadata    reads it from SSE events as they pass      -> tokenmeter.usage
-  decompressor       a server that compresses anyway is decompressed for the meters above
   router
+
+No decompressor: a model server that compresses although the request accepts no encoding is
+metered from the size of what it sent (estimated). Envoy 1.40's decompressor adds trailers at the
+end of a response, which stalls json_to_metadata (envoyproxy/envoy#29879), and the compressor's
+removal of accept-encoding already makes every well-behaved server answer in plain text.
 
 Each request ends in Envoy's gRPC access log (log `tokenmeter.settle`), which brings its status,
 response flags, counted usage and the admission's sealed metadata to the processor: the one place
@@ -284,31 +288,10 @@ def http_filters(deployment: Deployment) -> list[dict[str, Any]]:
             },
         },
         {
-            "name": "envoy.filters.http.decompressor",
-            "typed_config": {
-                "@type": f"{_T}.filters.http.decompressor.v3.Decompressor",
-                "decompressor_library": {
-                    "name": "gzip",
-                    "typed_config": {"@type": f"{_T}.compression.gzip.decompressor.v3.Gzip"},
-                },
-                # requests: the processor reads bodies as sent; responses: never ask for gzip
-                "request_direction_config": {"common_config": {"enabled": {
-                    "default_value": False, "runtime_key": "tokenmeter.decompress_requests"}}},
-                "response_direction_config": {"common_config": {"ignore_no_transform_header": True}},
-            },
-        },
-        {
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": f"{_T}.filters.http.router.v3.Router"},
         },
     ]
-
-
-def _decompressor_advertises_nothing(filters: list[dict[str, Any]]) -> None:
-    """The decompressor adds `accept-encoding: gzip` upstream by default: never (see http_filters)."""
-    for f in filters:
-        if f["name"] == "envoy.filters.http.decompressor":
-            f["typed_config"]["request_direction_config"]["advertise_accept_encoding"] = False
 
 
 # -- routes --------------------------------------------------------------------------------
@@ -467,7 +450,6 @@ def _local_reply_config(deployment: Deployment) -> dict[str, Any]:
 
 def http_connection_manager(policy: Policy, deployment: Deployment) -> dict[str, Any]:
     filters = http_filters(deployment)
-    _decompressor_advertises_nothing(filters)
     return {
         "@type": f"{_T}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "llm_ingress",
@@ -578,7 +560,6 @@ def render_istio(policy: Policy, target: IstioTarget | None = None) -> list[dict
     t = target or IstioTarget()
     processor = f"outbound|{t.processor_port}||{t.processor_host}"
     filters = [copy.deepcopy(f) for f in http_filters(Deployment()) if f["name"] != "envoy.filters.http.router"]
-    _decompressor_advertises_nothing(filters)
     for f in filters:
         _point_grpc(f, processor, t.processor_host)
     settle = settle_access_log()

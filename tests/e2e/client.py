@@ -14,6 +14,7 @@ class Reply:
     status: int
     headers: dict[str, str]
     body: bytes
+    complete: bool = True  # False: the connection ended before the end of the body (what came is in body)
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -36,8 +37,11 @@ def request(
     try:
         conn.request(method, path, body=body, headers=headers or {})
         resp = conn.getresponse()
-        data = resp.read()
-        return Reply(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        headers = {k.lower(): v for k, v in resp.getheaders()}
+        try:
+            return Reply(resp.status, headers, resp.read())
+        except http.client.IncompleteRead as cut:
+            return Reply(resp.status, headers, cut.partial, complete=False)
     finally:
         conn.close()
 
