@@ -44,6 +44,7 @@ __all__ = [
     "AdmissionFacts",
     "api_for_path",
     "decision_label",
+    "decision_value",
     "facts_bytes",
     "facts_from_struct",
     "facts_payload",
@@ -72,7 +73,7 @@ _LABELS: dict[int, str] = {
     pb.DECISION_REFUSED_UNSUPPORTED: "unsupported",
     pb.DECISION_REFUSED_BACKEND: "refused_backend",
 }
-_ADMITTED = (pb.DECISION_ADMITTED, pb.DECISION_ADMITTED_ALERT, pb.DECISION_ADMITTED_SHADOW)
+_VALUES = {label: value for value, label in _LABELS.items()}
 
 # Normalized path (extproc.metering.request.normalize_path) -> Api.
 _APIS: dict[str, pb.Api] = {
@@ -84,11 +85,16 @@ _APIS: dict[str, pb.Api] = {
 }
 
 
-def decision_label(decision: int, *, degraded: bool = False) -> str:
-    """The label of a Decision value: "admitted", "alert", "shadow" ("_degraded" added to these when the
-    limiter decided without its backend), "throttled", "blocked", "refused", "bad_request", ..."""
-    label = _LABELS.get(decision, "pending")
-    return f"{label}_degraded" if degraded and decision in _ADMITTED else label
+def decision_label(decision: int) -> str:
+    """The label of a Decision value (extproc.settlement.outcome.Decision's values): "admitted",
+    "alert", "shadow", "throttled", "blocked", "refused", "bad_request", ... Whether the limiter
+    decided without its backend is the separate `degraded` flag, never a suffix."""
+    return _LABELS.get(decision, "pending")
+
+
+def decision_value(label: str) -> int:
+    """The Decision value of a label (the inverse of decision_label; unknown: DECISION_UNSPECIFIED)."""
+    return _VALUES.get(label, pb.DECISION_UNSPECIFIED)
 
 
 def api_for_path(path: str) -> pb.Api:
@@ -122,7 +128,7 @@ def facts_to_struct_fields(facts: AdmissionFacts) -> dict[str, str | bool]:
         "key_id": facts.key_id,
         "pool": facts.pool,
         "policy_version": facts.policy_version,
-        "decision": decision_label(facts.decision, degraded=facts.degraded),
+        "decision": decision_label(facts.decision),
         "model": facts.requested_model,
         FACTS_KEY: base64.b64encode(facts_bytes(facts)).decode("ascii"),
     }

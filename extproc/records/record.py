@@ -7,12 +7,14 @@ from typing import Any, Protocol
 
 import orjson
 
+from extproc.settlement.outcome import Decision, Ending
+
 
 @dataclass(slots=True)
 class UsageRecord:
     request_id: str
     time: float  # unix seconds when the request was admitted or refused
-    decision: str  # admitted | throttled | blocked | refused | bad_request | too_large | shadow | ...
+    decision: Decision
     policy_version: str
     tenant: str | None = None
     project: str | None = None
@@ -31,7 +33,8 @@ class UsageRecord:
     reasoning_tokens: int = 0
     usage_source: str = "none"  # reported | estimated | none
     alerts: tuple[str, ...] = ()
-    degraded: bool = False
+    degraded: bool = False  # the limiter decided without Redis (fail-open/fail-closed)
+    ending: Ending = Ending.COMPLETED
     duration_ms: float = 0.0
 
     def to_json(self) -> bytes:
@@ -41,6 +44,8 @@ class UsageRecord:
     def from_json(cls, line: bytes | str) -> UsageRecord:
         data: dict[str, Any] = orjson.loads(line)
         data["alerts"] = tuple(data.get("alerts", ()))
+        data["decision"] = Decision(data["decision"])
+        data["ending"] = Ending(data.get("ending", Ending.COMPLETED))
         return cls(**data)
 
 

@@ -7,8 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from extproc.records.record import UsageRecord
-
-_ADMITTED_PREFIXES = ("admitted", "alert", "shadow")
+from extproc.settlement.outcome import Decision
 
 
 @dataclass
@@ -30,14 +29,14 @@ def summarize(records: Iterable[UsageRecord]) -> list[Row]:
         k = (r.tenant or "(unknown)", r.key_id or "(unknown key)")
         row = rows[k]
         row.tenant, row.key_id = k
-        if r.decision.startswith(_ADMITTED_PREFIXES):
+        if r.decision.admitted:
             row.admitted += 1
             row.prompt_tokens += r.prompt_tokens
             row.completion_tokens += r.completion_tokens
             row.estimated += r.usage_source == "estimated"
             if r.pool:
                 row.pools[r.pool] += 1
-        elif r.decision in ("throttled", "blocked"):
+        elif r.decision in (Decision.THROTTLED, Decision.BLOCKED):
             row.throttled += 1
         else:
             row.refused += 1

@@ -1,4 +1,4 @@
-"""Envoy's gRPC access log as the end of each request (envoy/envoy-native.yaml).
+"""Envoy's gRPC access log as the end of each request.
 
 With the response metered by Envoy itself (json_to_metadata / sse_to_metadata), the processor
 learns how a request ended from the access log entry Envoy sends when the stream is over: status,
@@ -24,9 +24,11 @@ from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
 from extproc.metering.envoy_usage import response_model, usage_from_envoy
 from extproc.metering.usage import Usage
 from extproc.records.record import UsageRecord
-from extproc.service.accounting import ResponseAccounting
 from extproc.service.metadata import NAMESPACE, SETTLE_LOG_NAME, USAGE_NAMESPACE
 from extproc.service.processor import Context
+from extproc.settlement.admitted import Admitted, Unsealed
+from extproc.settlement.outcome import Decision, Ending
+from extproc.settlement.settle import final_usage
 
 log = logging.getLogger("tokenmeter.access_log")
 
@@ -78,28 +80,32 @@ def _duration_ms(props: alog.AccessLogCommon) -> float | None:
 
 def _record_unseen(ctx: Context, entry: alog.HTTPAccessLogEntry) -> None:
     """A request Envoy answered itself before the processor saw it (a POST without a body, a body
-    over Envoy's buffer, ...): no caller is known and nothing was reserved, but it gets its record,
-    as it would with envoy.yaml (where the processor sees every request's headers)."""
+    over Envoy's buffer, ...): no caller is known and nothing was reserved, but it gets its record."""
     props = entry.common_properties
     started = props.start_time.ToNanoseconds() / 1e9 if props.HasField("start_time") else time.time()
     status = _status(entry)
+    governed = status is None or status >= 400
     rec = UsageRecord(
-        # Envoy's x-request-id, which a client may choose: prefixed, so it never passes for one of ours
+        # Envoy's x-request-id: Envoy issues it, and it is prefixed so it never passes for one of ours
         request_id=f"envoy:{entry.request.request_id or f'{time.time_ns():x}'}",
         time=started,
-        decision="refused_by_envoy" if status is None or status >= 400 else "not_governed",
+        decision=Decision.REFUSED_BY_ENVOY if governed else Decision.NOT_GOVERNED,
         policy_version=ctx.policy.version,
-        path=entry.request.path.split("?", 1)[0] or None,
-        status=status,
-        duration_ms=_duration_ms(props) or 0.0,
+        path=_bounded(entry.request.path.split("?", 1)[0]) or None,
     )
-    if rec.decision == "not_governed":  # the routes of envoy-native.yaml should make this impossible
+    if not governed:  # the generated routes make this impossible
         log.warning("a request reached status %s without the processor (path %s)", status, rec.path)
-    ctx.sink.emit(rec)
+    ctx.settlement.end(rec, Ending.REFUSED if governed else Ending.COMPLETED, status=status,
+                       duration_ms=_duration_ms(props) or 0.0)
     ctx.telemetry.refusal(None, rec.decision)
 
 
-def _admitted_but_lost(ctx: Context, entry: alog.HTTPAccessLogEntry, acct: ResponseAccounting) -> None:
+def _bounded(text: str, limit: int = 256) -> str:
+    """A client-chosen string bounded before it becomes a record field."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _admitted_but_lost(ctx: Context, entry: alog.HTTPAccessLogEntry, admitted: Admitted) -> None:
     """Admitted here, but the entry carries none of our metadata: Envoy never applied the reply
     (it timed out, or the client left while it was on the wire), so no route sent the request to a
     model server. Recorded as aborted, once.
@@ -109,54 +115,53 @@ def _admitted_but_lost(ctx: Context, entry: alog.HTTPAccessLogEntry, acct: Respo
     no seal, so with a settle secret it never refunds; without one, the reservation is given back
     only when Envoy says its ext_proc call failed. Otherwise it stays charged until its window
     passes: an error can only overcharge a limit window, never the bill (usage is 0)."""
-    acct.status = _status(entry)
-    acct.record.decision = "aborted"
     refund = ctx.seal is None and entry.response.response_code_details.startswith("ext_proc")
-    acct.finish_counted(Usage(0, 0) if refund else None, body_bytes=0, complete=refund, response_model=None,
-                        duration_ms=_duration_ms(entry.common_properties),
-                        limiter=ctx.limiter, sink=ctx.sink, telemetry=ctx.telemetry)
+    ctx.settlement.end(admitted.record, Ending.ABORTED, usage=Usage(0, 0),
+                       charge=0 if refund else admitted.record.reserved_tokens, status=_status(entry),
+                       duration_ms=_duration_ms(entry.common_properties))
 
 
 def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
-    """Settle and record one request from its access log entry; False when there was nothing to
-    settle (refused or unmetered: recorded by the processor already; or never seen by it: recorded
-    here as `refused_by_envoy`)."""
+    """End one request from its access log entry; False when there was nothing to settle here
+    (refused or unmetered: ended by the processor already; or never seen by it: recorded here as
+    refused_by_envoy; or a duplicate)."""
     props = entry.common_properties
     filter_md = props.metadata.filter_metadata
-    admitted = filter_md.get(NAMESPACE)
     ours = ctx.by_envoy_id.pop(entry.request.request_id) if entry.request.request_id else None
-    if admitted is None:
+    metadata = filter_md.get(NAMESPACE)
+    if metadata is None:
         # Envoy answered it without the processor's word: it never reached the processor (no body,
         # a body over Envoy's buffer, ...), or Envoy never applied the processor's reply.
         if ours is None:
             _record_unseen(ctx, entry)
         else:
             lost = ctx.inflight.pop(ours)
-            if lost is not None and not lost.done:
+            if lost is not None:
                 _admitted_but_lost(ctx, entry, lost)
-            # else: the processor refused or recorded it (e.g. the client left while it reserved)
+            # else: the processor ended it (e.g. the client left while it reserved)
         return False
-    if ctx.seal is not None and "reserved_tokens" in admitted.fields and not ctx.seal.verify(admitted.fields):
-        log.warning("access log entry with unsealed or tampered admission metadata: not settled")
+    try:
+        admitted = Admitted.from_metadata(metadata.fields, ctx.seal)
+    except Unsealed:
+        log.warning("access log entry with unsealed or tampered admission facts: not settled")
         return False
-    acct = ResponseAccounting.from_metadata(admitted.fields)
-    if acct is None:
-        return False
-    ctx.inflight.done(acct.record.request_id)
+    if admitted is None:
+        return False  # refused or unmetered: ended by the processor at admission
+    ctx.inflight.done(admitted.record.request_id)
     counted = filter_md.get(USAGE_NAMESPACE)
     fields = dict(counted.items()) if counted is not None else {}
-    acct.status = _status(entry)
-    acct.finish_counted(
-        usage_from_envoy(fields, acct.schema),
-        body_bytes=entry.response.response_body_bytes,
-        complete=not was_cut(props.response_flags) and not replaced_by_envoy(entry),
-        response_model=response_model(fields),
-        duration_ms=_duration_ms(props),
-        limiter=ctx.limiter,
-        sink=ctx.sink,
-        telemetry=ctx.telemetry,
+    status = _status(entry)
+    complete = not was_cut(props.response_flags) and not replaced_by_envoy(entry)
+    usage = final_usage(
+        usage_from_envoy(fields, admitted.schema), status=status, complete=complete,
+        body_bytes=entry.response.response_body_bytes, prompt_estimate=admitted.prompt_estimate,
+        reserved=admitted.record.reserved_tokens,
     )
-    return True
+    return ctx.settlement.end(
+        admitted.record, Ending.COMPLETED if complete else Ending.INCOMPLETE, usage=usage,
+        charge=usage.total_tokens, status=status, duration_ms=_duration_ms(props),
+        response_model=response_model(fields),
+    )
 
 
 class AccessLogReceiver(als_grpc.AccessLogServiceServicer):  # type: ignore[misc]

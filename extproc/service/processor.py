@@ -1,15 +1,13 @@
-"""One ext_proc stream = one HTTP request. This module turns protocol messages into decisions.
+"""One ext_proc stream = the admission of one HTTP request. Protocol messages in, decisions out.
 
-Phases, in the order Envoy sends them:
-  request headers  -> identify the caller, strip spoofable headers, set attribution
-  request body     -> parse, bound, reserve on the limiter (one round trip), choose the pool
-  response headers -> add x-ratelimit-* headers, learn whether the body is an SSE stream
-  response body    -> meter each chunk as it passes (answered at once), settle at end of stream
-If the stream ends early (client gone, upstream reset) the reservation is settled at the estimate.
+With the generated Envoy configuration (extproc.envoy.config) Envoy sends ONE message per request:
+the buffered body, with path, method and credentials as attributes; or, for a request without a
+body (GET /v1/models), its headers. The processor identifies the caller, parses and bounds the
+request, reserves on every scope in one limiter round trip, picks the pool, and answers once: an
+admission (metadata, an edited body) or a refusal. The response never comes here: Envoy meters it,
+and its access log ends the request (extproc.service.access_log -> extproc.settlement.settle).
 
-envoy/envoy-native.yaml skips the request headers: the body comes alone, with path, method and
-credentials as Envoy attributes, and is admitted in one reply; the response never comes here
-(Envoy meters it, and its access log settles: extproc.service.access_log).
+Each request is in one Phase. It ends, whatever the way, through Settlement.end.
 """
 
 from __future__ import annotations
@@ -20,11 +18,13 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import Enum, auto
 from typing import Protocol
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
-from extproc.limiter.types import Decision, Limiter, PoolCeiling, Reservation
+from extproc.limiter.types import Decision as LimiterDecision
+from extproc.limiter.types import Limiter, PoolCeiling, Reservation
 from extproc.metering.request import (
     BadRequest,
     RequestInfo,
@@ -33,11 +33,11 @@ from extproc.metering.request import (
     parse_request,
     schema_for_path,
 )
-from extproc.metering.usage_chunk import UsageChunkFilter
-from extproc.policy.model import Action, ApiKey, Policy
+from extproc.metering.usage import Usage
+from extproc.policy.model import Action, ApiKey, Mode, Policy
+from extproc.protos.facts import api_for_path
 from extproc.records.record import RecordSink, UsageRecord
 from extproc.service import responses as R
-from extproc.service.accounting import ResponseAccounting
 from extproc.service.admission import ScopePath, pool_ceilings, reservation_tokens, scope_path
 from extproc.service.errors import error_body
 from extproc.service.identity import identify
@@ -51,12 +51,13 @@ from extproc.service.metadata import (
     H_TEAM,
     H_TENANT,
     HEADER_PREFIX,
-    NAMESPACE,
-    STRIP_USAGE_KEY,
 )
 from extproc.service.ratelimit_headers import ratelimit_headers, ratelimit_metadata, retry_after
-from extproc.service.seal import SEAL_KEY, Seal
+from extproc.service.seal import Seal
 from extproc.service.telemetry import Telemetry
+from extproc.settlement.admitted import Admitted
+from extproc.settlement.outcome import Decision, Ending
+from extproc.settlement.settle import Settlement
 
 log = logging.getLogger("tokenmeter.processor")
 
@@ -77,7 +78,7 @@ class FixedPolicy:
 
 
 class Context:
-    """What every stream shares: the live policy, the limiter, the record sink, telemetry."""
+    """What every stream shares: the live policy, the limiter, the settlement, telemetry."""
 
     def __init__(
         self,
@@ -88,12 +89,13 @@ class Context:
         seal: Seal | None = None,
     ) -> None:
         self.policies = policies
-        self.seal = seal  # seals admission metadata that comes back to be settled (extproc.service.seal)
+        self.seal = seal  # seals the admission facts that come back to be settled (extproc.service.seal)
         self.limiter = limiter
         self.sink = sink
         self.telemetry = telemetry or Telemetry()
-        # admitted here, response accounted for elsewhere, not ended yet
-        self.inflight: Inflight[ResponseAccounting] = Inflight()
+        self.settlement = Settlement(limiter, sink, self.telemetry)
+        # admitted here, not ended yet: what a draining processor waits for (extproc.service.server)
+        self.inflight: Inflight[Admitted] = Inflight()
         # Envoy's request id -> ours, for each body-only request until its access log entry: how an
         # entry without our metadata (Envoy never applied the reply) finds its admission. Envoy
         # issues that id (the listener ignores a client's x-request-id). Ids only: small.
@@ -155,28 +157,28 @@ def _new_request_id() -> str:
     return f"{_ID_PREFIX}-{time.time_ns():x}-{_counter:x}"
 
 
+class Phase(Enum):
+    """Where one request stands on this stream."""
+
+    NEW = auto()  # nothing received yet
+    IDENTIFIED = auto()  # the caller is known; its body has not come yet
+    RESERVING = auto()  # the limiter was asked: a reservation may exist
+    ADMITTED = auto()  # answered with an admission: it ends in Envoy's access log
+    ENDED = auto()  # ended here (refused, unmetered, aborted): settled and recorded
+
+
 @dataclass
 class RequestState:
     policy: Policy
     request_id: str
+    phase: Phase = Phase.NEW
     path: str = ""
     schema: Schema | None = None  # of the path (None: not a metered inference path)
     key: ApiKey | None = None
     info: RequestInfo | None = None
-    decision: Decision | None = None
-    settled: bool = False  # a refusal was answered, or the response was accounted for
+    decision: LimiterDecision | None = None
     record: UsageRecord | None = None
     scopes: ScopePath | None = None
-    accounting: ResponseAccounting | None = None
-    # Envoy sends this stream no response body (envoy-observe.yaml: an observability-mode stream
-    # meters it): the request's accounting belongs to that stream, not to this one's close().
-    response_elsewhere: bool = False
-    reserving: bool = False  # a reservation may exist in the limiter (the call was made)
-    # we injected stream_options.include_usage and the response comes here: take its chunk back
-    usage_filter: UsageChunkFilter | None = None
-    # the reply just sent answers the last message Envoy sends on this stream (the end of the
-    # response body, or a refusal): the stream can be closed from this side
-    answered_last: bool = False
 
 
 class StreamProcessor:
@@ -186,53 +188,47 @@ class StreamProcessor:
 
     @property
     def exchange_over(self) -> bool:
-        """Nothing more will come on this stream that needs an answer: the end of the response or a
-        refusal was answered, or the request was answered and the response goes elsewhere (or
-        nowhere). The caller closes the stream then, so that it does not stay open (and hold memory
-        here) for the whole response, and is not left for Envoy to end (grpc.aio leaks a little
-        per stream that the client ends: bench/RESULTS.md)."""
-        s = self.s
-        return s.answered_last or (s.response_elsewhere and (s.settled or s.accounting is not None))
+        """The request was answered (admitted or ended): nothing more comes on this stream. The
+        caller closes it then (left to Envoy's half-close, grpc.aio keeps a little per stream)."""
+        return self.s.phase in (Phase.ADMITTED, Phase.ENDED)
 
     async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         which = req.WhichOneof("request")
-        if which == "response_body":
-            return self._on_response_body(req)
-        if req.HasField("protocol_config"):  # on the first message of the stream
-            self.s.response_elsewhere = req.protocol_config.response_body_mode == _BODY_NONE
-        if which == "request_headers":
-            msg = req.request_headers
-            return await self._admit_headers(_headers(msg), end_of_stream=msg.end_of_stream)
         if which == "request_body":
-            if self.s.record is None:
-                # Request headers are skipped (envoy/envoy-native.yaml): the body comes alone, with
-                # the path, method and credentials as attributes. One message for the whole request.
+            if self.s.phase is Phase.NEW:
+                # The usual case: the body alone, with path, method and credentials as attributes.
                 headers = _attribute_headers(req)
                 envoy_id = headers.get("x-request-id")
                 if envoy_id:
                     self.ctx.by_envoy_id.add(envoy_id, self.s.request_id)
                 return await self._admit_headers(headers, end_of_stream=False, body=req.request_body)
             return await self._on_request_body(req.request_body)
-        if which == "response_headers":
-            return self._on_response_headers(req.response_headers)
+        if which == "request_headers":
+            msg = req.request_headers
+            return await self._admit_headers(_headers(msg), end_of_stream=msg.end_of_stream)
+        # Not sent by the generated configuration: answer without effect.
         if which == "request_trailers":
             return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
+        if which == "response_headers":
+            return R.response_headers()
+        if which == "response_body":
+            return R.CONTINUE_RESPONSE_BODY
         return pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 
-    # -- request headers -------------------------------------------------------------------
+    # -- identity --------------------------------------------------------------------------
 
     async def _admit_headers(
         self, headers: Mapping[str, str], *, end_of_stream: bool, body: pb.HttpBody | None = None
     ) -> pb.ProcessingResponse:
-        """The caller's identity and attribution. With `body` (headers skipped, see handle), the
-        body's admission follows in the same reply."""
+        """The caller's identity and attribution. With `body` (the usual case), the body's admission
+        follows in the same reply."""
         s = self.s
         s.path = headers.get(":path", "")
         key = identify(headers, s.policy)
         s.record = UsageRecord(
             request_id=s.request_id,
             time=time.time(),
-            decision="pending",
+            decision=Decision.PENDING,
             policy_version=s.policy.version,
             path=s.path.split("?", 1)[0],
         )
@@ -242,24 +238,72 @@ class StreamProcessor:
                 "Missing or unknown API key. Send it as 'Authorization: Bearer <key>'.",
                 type_="invalid_request_error",
                 code="invalid_api_key",
-                decision="refused",
+                decision=Decision.REFUSED,
             )
         s.key = key
+        s.phase = Phase.IDENTIFIED
         s.record.tenant, s.record.project = key.tenant, key.project
         s.record.team, s.record.key_id = key.team, key.key_id
         s.scopes = self.ctx.scopes(key, s.policy)
-        attribution = [
-            (H_TENANT, key.tenant),
-            (H_PROJECT, key.project),
-            (H_KEY_ID, key.key_id),
-            (H_REQUEST_ID, s.request_id),
-        ]
+        schema = s.schema = schema_for_path(s.path)
+        if schema is not None and not end_of_stream:
+            if body is not None:
+                return await self._on_request_body(body)
+            return R.request_headers([], [])  # the body follows
+        if schema is not None:
+            return self._bad_request(BadRequest("request body is required", None))
+        return await self._admit_unmetered(headers, key, with_body=body is not None)
+
+    async def _admit_unmetered(
+        self, headers: Mapping[str, str], key: ApiKey, *, with_body: bool
+    ) -> pb.ProcessingResponse:
+        """Not a metered LLM call: count the request (no tokens), or refuse a method that could use
+        the GPU unmetered."""
+        s = self.s
+        assert s.record is not None
+        if headers.get(":method", "GET") not in _UNMETERED_METHODS:
+            # Deny by default: a model server's other POST endpoints (score, rerank, pooling,
+            # tokenize, ...) use the GPU too, and are not metered here.
+            return self._refuse(
+                404,
+                f"{s.record.path} is not an endpoint this gateway meters.",
+                type_="invalid_request_error",
+                code="unsupported_endpoint",
+                decision=Decision.UNSUPPORTED,
+            )
+        decision = await self._reserve(0)
+        refusal = self._refusal_for(decision)
+        if refusal is not None:
+            return refusal
+        metadata = self._attribution_metadata(key)
+        metadata.update(self._admitted_metadata(decision))
+        s.record.decision = self._admitted_decision(decision)
+        metadata["decision"] = str(s.record.decision)
+        s.phase = Phase.ENDED
+        self.ctx.settlement.end(s.record, Ending.COMPLETED, usage=Usage(0, 0), charge=0 if decision.allowed else None)
+        attribution = [*self._attribution(key), (H_POOL, decision.pool or "")]
+        remove = self._removed_headers(headers, attribution)
+        if with_body:
+            return R.request_body(attribution, remove, metadata=metadata, clear_route_cache=True)
+        return R.request_headers(attribution, remove, metadata=metadata, clear_route_cache=True,
+                                 skip_request_body=True)
+
+    def _attribution(self, key: ApiKey) -> list[tuple[str, str]]:
+        out = [(H_TENANT, key.tenant), (H_PROJECT, key.project), (H_KEY_ID, key.key_id),
+               (H_REQUEST_ID, self.s.request_id)]
         if key.team is not None:
-            attribution.append((H_TEAM, key.team))
+            out.append((H_TEAM, key.team))
+        return out
+
+    @staticmethod
+    def _removed_headers(headers: Mapping[str, str], attribution: list[tuple[str, str]]) -> list[str]:
         set_names = {name for name, _ in attribution}
         remove = [h for h in headers if h.startswith(HEADER_PREFIX) and h not in set_names]
-        remove += [h for h in _CREDENTIAL_HEADERS if h in headers]
-        metadata: dict[str, R.MetadataValue] = {
+        return remove + [h for h in _CREDENTIAL_HEADERS if h in headers]
+
+    def _attribution_metadata(self, key: ApiKey) -> dict[str, R.MetadataValue]:
+        s = self.s
+        return {
             "request_id": s.request_id,
             "tenant": key.tenant,
             "project": key.project,
@@ -267,55 +311,10 @@ class StreamProcessor:
             "key_id": key.key_id,
             "policy_version": s.policy.version,
         }
-        schema = s.schema = schema_for_path(s.path)
-        if schema is None or end_of_stream:
-            # Not a metered LLM call (or no body): count the request, no token accounting.
-            if schema is not None:
-                return self._bad_request(BadRequest("request body is required", None))
-            if headers.get(":method", "GET") not in _UNMETERED_METHODS:
-                # Deny by default: a model server's other POST endpoints (score, rerank, pooling,
-                # tokenize, ...) use the GPU too, and are not metered here.
-                return self._refuse(
-                    404,
-                    f"{s.record.path} is not an endpoint this gateway meters.",
-                    type_="invalid_request_error",
-                    code="unsupported_endpoint",
-                    decision="unsupported",
-                )
-            decision = await self._reserve(0)
-            refusal = self._refusal_for(decision)
-            if refusal is not None:
-                return refusal
-            metadata.update(self._admitted_metadata(decision))
-            s.record.decision = str(metadata["decision"])
-            s.settled = True
-            if decision.allowed:  # no tokens to meter: give the reservation back now
-                self.ctx.limiter.settle(key.tenant, s.request_id, 0)
-            self._emit()
-            if body is not None:
-                return R.request_body(
-                    [*attribution, (H_POOL, decision.pool or "")], remove, metadata=metadata, clear_route_cache=True
-                )
-            return R.request_headers(
-                [*attribution, (H_POOL, decision.pool or "")],
-                remove,
-                metadata=metadata,
-                clear_route_cache=True,
-                skip_request_body=True,
-            )
-        if body is not None:
-            # Without a headers phase Envoy applies no header mutation: envoy-native.yaml's route
-            # sets the attribution headers from this metadata and removes the credentials.
-            return await self._on_request_body(body, header_metadata=metadata)
-        return R.request_headers(attribution, remove, metadata=metadata)
 
-    # -- request body ----------------------------------------------------------------------
+    # -- the body: admission ---------------------------------------------------------------
 
-    async def _on_request_body(
-        self, msg: pb.HttpBody, header_metadata: Mapping[str, R.MetadataValue] | None = None
-    ) -> pb.ProcessingResponse:
-        """The body's admission. `header_metadata`: the headers were skipped, and their metadata
-        goes out with this reply (see _admit_headers)."""
+    async def _on_request_body(self, msg: pb.HttpBody) -> pb.ProcessingResponse:
         s = self.s
         assert s.key is not None and s.record is not None
         body = msg.body
@@ -325,7 +324,7 @@ class StreamProcessor:
                 f"Request body is {len(body)} bytes; the limit is {s.policy.request.max_body_bytes}.",
                 type_="invalid_request_error",
                 code="request_too_large",
-                decision="too_large",
+                decision=Decision.TOO_LARGE,
             )
         schema = s.schema or Schema.OPENAI
         try:
@@ -334,41 +333,28 @@ class StreamProcessor:
             return self._bad_request(exc)
         s.info = info
         s.record.model, s.record.stream = info.model, info.stream
-        tokens = reservation_tokens(
-            info.prompt_tokens_estimate, info.max_output_tokens, s.policy, info.n
-        )
+        tokens = reservation_tokens(info.prompt_tokens_estimate, info.max_output_tokens, s.policy, info.n)
         decision = await self._reserve(tokens)
         refusal = self._refusal_for(decision)
         if refusal is not None:
             return refusal
         new_body = inject_stream_usage(body) if info.wants_usage_injection else None
-        if new_body is not None and not s.response_elsewhere:
-            s.usage_filter = UsageChunkFilter()
-        # Without a headers phase Envoy ignores header mutations; it still needs one (even empty) in
-        # the reply to re-route on the new metadata, and R.request_body always sends one.
-        set_headers: list[tuple[str, str]] = []
-        if header_metadata is None:
-            set_headers = [(H_POOL, decision.pool or "")]
-            if new_body is not None:
-                set_headers.append(("content-length", str(len(new_body))))
-        metadata = dict(header_metadata or {})
+        s.record.decision = self._admitted_decision(decision)
+        admitted = Admitted(s.record, api=api_for_path(s.path), schema=schema,
+                            prompt_estimate=info.prompt_tokens_estimate)
+        # The route sets the attribution headers from this metadata (Envoy applies no header
+        # mutation of a body reply without a headers phase) and picks the pool's cluster; it also
+        # needs a header mutation (even empty) in the reply to re-route, which R.request_body sends.
+        metadata = admitted.to_metadata(self.ctx.seal, usage_injected=new_body is not None)
         metadata.update(self._admitted_metadata(decision))
-        s.record.decision = str(metadata["decision"])
-        s.accounting = ResponseAccounting(s.record, schema=schema, prompt_estimate=info.prompt_tokens_estimate)
-        metadata.update(s.accounting.to_metadata())
-        if new_body is not None:
-            # the route that serves it takes the usage event the client did not ask for back out
-            metadata[STRIP_USAGE_KEY] = True
-        if self.ctx.seal is not None:
-            metadata[SEAL_KEY] = self.ctx.seal.sign(metadata)
-        if s.response_elsewhere:
-            self.ctx.inflight.add(s.request_id, s.accounting)
-        return R.request_body(set_headers, body=new_body, metadata=metadata, clear_route_cache=True)
+        s.phase = Phase.ADMITTED
+        self.ctx.inflight.add(s.request_id, admitted)
+        return R.request_body([], body=new_body, metadata=metadata, clear_route_cache=True)
 
-    async def _reserve(self, tokens: int) -> Decision:
+    async def _reserve(self, tokens: int) -> LimiterDecision:
         s = self.s
         assert s.key is not None and s.record is not None and s.scopes is not None
-        s.reserving = True
+        s.phase = Phase.RESERVING
         decision = await self.ctx.limiter.reserve(
             Reservation(
                 request_id=s.request_id,
@@ -387,18 +373,18 @@ class StreamProcessor:
         self.ctx.telemetry.decision(s.key, decision)
         return decision
 
-    def _admitted_metadata(self, decision: Decision) -> dict[str, R.MetadataValue]:
-        label = "admitted"
-        if decision.alerts:
-            label = "alert" if self.s.policy.mode.value == "enforce" else "shadow"
-        if decision.degraded:
-            label += "_degraded"
-        # Envoy's route adds the x-ratelimit-* response headers from these (envoy/envoy.yaml).
-        metadata: dict[str, R.MetadataValue] = {"pool": decision.pool or "", "decision": label}
+    def _admitted_decision(self, decision: LimiterDecision) -> Decision:
+        if not decision.alerts:
+            return Decision.ADMITTED
+        return Decision.ALERT if self.s.policy.mode is Mode.ENFORCE else Decision.SHADOW
+
+    def _admitted_metadata(self, decision: LimiterDecision) -> dict[str, R.MetadataValue]:
+        # Envoy's route adds the x-ratelimit-* response headers from these.
+        metadata: dict[str, R.MetadataValue] = {"pool": decision.pool or ""}
         metadata.update(ratelimit_metadata(decision))
         return metadata
 
-    def _refusal_for(self, decision: Decision) -> pb.ProcessingResponse | None:
+    def _refusal_for(self, decision: LimiterDecision) -> pb.ProcessingResponse | None:
         if decision.allowed:
             return None
         s = self.s
@@ -408,7 +394,7 @@ class StreamProcessor:
                 "Quota service unavailable; the policy fails closed. Retry shortly.",
                 type_="api_error",
                 code="quota_service_unavailable",
-                decision="refused_backend",
+                decision=Decision.REFUSED_BACKEND,
                 headers=[("retry-after", retry_after(decision))],
             )
         actions = s.scopes.actions if s.scopes else {}
@@ -420,112 +406,39 @@ class StreamProcessor:
                 f"Quota exhausted for {decision.denied_scope}: {what}. Requests are blocked.",
                 type_="insufficient_quota",
                 code="quota_exhausted",
-                decision="blocked",
+                decision=Decision.BLOCKED,
                 headers=ratelimit_headers(decision),
             )
+        too_large = decision.denied_kind == "too_large"
         return self._refuse(
             429,
-            f"Rate limit reached for {decision.denied_scope}: {what}. "
-            f"Retry after {retry_after(decision)}s.",
-            type_="rate_limit_exceeded" if decision.denied_kind != "too_large" else "invalid_request_error",
-            code="rate_limit_exceeded" if decision.denied_kind != "too_large" else "request_exceeds_limit",
-            decision="throttled",
+            f"Rate limit reached for {decision.denied_scope}: {what}. Retry after {retry_after(decision)}s.",
+            type_="invalid_request_error" if too_large else "rate_limit_exceeded",
+            code="request_exceeds_limit" if too_large else "rate_limit_exceeded",
+            decision=Decision.THROTTLED,
             headers=[("retry-after", retry_after(decision)), *ratelimit_headers(decision)],
         )
 
-    # -- responses -------------------------------------------------------------------------
-
-    def _on_response_headers(self, msg: pb.HttpHeaders) -> pb.ProcessingResponse:
-        """Only when a config sends response headers (envoy/envoy.yaml skips them and passes the
-        status as the `response.code` attribute with the first body chunk instead)."""
-        acc = self.s.accounting
-        if acc is None:
-            return R.response_headers(skip_response_body=True)
-        acc.status = _status(_headers(msg).get(":status"))
-        if msg.end_of_stream:
-            self.s.answered_last = True
-            return R.response_headers(metadata=self._finish(complete=True))
-        return R.response_headers()
-
-    def _on_response_body(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
-        acc = self.s.accounting
-        msg = req.response_body
-        if acc is None:
-            return R.CONTINUE_RESPONSE_BODY
-        if acc.status is None:
-            acc.status = _response_code(req)
-        acc.feed(msg.body)
-        # the usage chunk the client did not ask for (we injected include_usage), after metering it
-        body = self.s.usage_filter.filter(msg.body) if self.s.usage_filter is not None else None
-        if not msg.end_of_stream:
-            return R.CONTINUE_RESPONSE_BODY if body is None else R.response_body(body=body)
-        self.s.answered_last = True
-        return R.response_body(self._finish(complete=True), body=body)
-
-    def observe(self, req: pb.ProcessingRequest) -> bool:
-        """A message of an observability-mode stream (no reply is read). True: the response is over,
-        and the caller must close the stream (or Envoy holds it for its deferred close timeout)."""
-        s = self.s
-        if s.accounting is None:
-            if s.settled:
-                return True
-            fields = req.metadata_context.filter_metadata.get(NAMESPACE)
-            if fields is not None and self.ctx.seal is not None and not self.ctx.seal.verify(fields.fields):
-                log.warning("meter stream with unsealed or tampered admission metadata: ignored")
-                fields = None
-            s.accounting = ResponseAccounting.from_metadata(fields.fields) if fields is not None else None
-            if s.accounting is None:  # refused or not metered: nothing to account for
-                s.settled = True
-                return True
-            s.record = s.accounting.record
-        acc = s.accounting
-        which = req.WhichOneof("request")
-        if which == "response_headers":
-            acc.status = _status(_headers(req.response_headers).get(":status"))
-            done = bool(req.response_headers.end_of_stream)
-        elif which == "response_body":
-            if acc.status is None:
-                acc.status = _response_code(req)
-            acc.feed(req.response_body.body)
-            done = bool(req.response_body.end_of_stream)
-        else:
-            done = False
-        if done:
-            self._finish(complete=True)
-        return done
-
-    def _finish(self, *, complete: bool) -> dict[str, R.MetadataValue]:
-        s = self.s
-        if s.accounting is None or s.settled:
-            return {}
-        s.settled = True
-        self.ctx.inflight.done(s.accounting.record.request_id)
-        return s.accounting.finish(self.ctx.limiter, self.ctx.sink, self.ctx.telemetry, complete=complete)
+    # -- the end of the stream -------------------------------------------------------------
 
     def close(self, *, graceful: bool = False) -> None:
-        """The gRPC stream ended. Settle anything left open: a response that ended normally without
-        a body (graceful) as complete, a cut stream at its estimate; give back a reservation whose
-        request was abandoned before an answer; record requests that ended early."""
+        """The gRPC stream ended. A request still being reserved (the client left, Envoy gave up)
+        never reached a model server: its reservation is given back and it is recorded as aborted;
+        so is an identified request whose body never came. An admitted request ends later, in
+        Envoy's access log."""
         s = self.s
-        if s.settled:
+        if s.record is None or s.phase not in (Phase.IDENTIFIED, Phase.RESERVING):
             return
-        if s.accounting is not None:
-            if not s.response_elsewhere:
-                self._finish(complete=graceful and s.accounting.meter.bytes_seen == 0)
-            return
-        if s.reserving and s.key is not None:  # cancelled while (or right after) reserving
-            self.ctx.limiter.settle(s.key.tenant, s.request_id, 0)
-        if s.record is not None and s.record.decision == "pending":
-            s.settled = True
-            s.record.decision = "aborted"  # e.g. the client went away, or Envoy refused the body itself
-            self._emit()
+        charge = 0 if s.phase is Phase.RESERVING else None
+        s.phase = Phase.ENDED
+        self.ctx.settlement.end(s.record, Ending.ABORTED, usage=Usage(0, 0), charge=charge)
 
     # -- refusals --------------------------------------------------------------------------
 
     def _bad_request(self, exc: BadRequest) -> pb.ProcessingResponse:
         return self._refuse(
-            400, exc.message, type_="invalid_request_error", code="invalid_request", decision="bad_request",
-            param=exc.param,
+            400, exc.message, type_="invalid_request_error", code="invalid_request",
+            decision=Decision.BAD_REQUEST, param=exc.param,
         )
 
     def _refuse(
@@ -535,21 +448,19 @@ class StreamProcessor:
         *,
         type_: str,
         code: str,
-        decision: str,
+        decision: Decision,
         headers: list[tuple[str, str]] | None = None,
         param: str | None = None,
     ) -> pb.ProcessingResponse:
         s = self.s
-        s.settled = True
-        s.answered_last = True  # Envoy answers the client itself and sends nothing more
+        s.phase = Phase.ENDED
         if s.record is not None:
             s.record.decision = decision
-            s.record.status = status
-            self._emit()
+            self.ctx.settlement.end(s.record, Ending.REFUSED, status=status)
         self.ctx.telemetry.refusal(s.key, decision)
         metadata: Mapping[str, R.MetadataValue] = {
             "request_id": s.request_id,
-            "decision": decision,
+            "decision": str(decision),
             "policy_version": s.policy.version,
         }
         return R.immediate(
@@ -560,33 +471,11 @@ class StreamProcessor:
             metadata=metadata,
         )
 
-    def _emit(self) -> None:
-        rec = self.s.record
-        if rec is None:
-            return
-        rec.duration_ms = round((time.time() - rec.time) * 1000, 3)
-        self.ctx.sink.emit(rec)
 
-
-_BODY_NONE = 0  # ProcessingMode.BodySendMode.NONE
 _UNMETERED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def _status(raw: str | None) -> int | None:
-    try:
-        return int(raw) if raw else None
-    except ValueError:
-        return None
-
-
-def _response_code(req: pb.ProcessingRequest) -> int | None:
-    attrs = req.attributes.get("envoy.filters.http.ext_proc")
-    if attrs is None or "response.code" not in attrs.fields:
-        return None
-    return int(attrs.fields["response.code"].number_value)
-
-
-def _denial_text(decision: Decision) -> str:
+def _denial_text(decision: LimiterDecision) -> str:
     kind = decision.denied_kind or "limit"
     return {
         "tokens": "tokens per minute",

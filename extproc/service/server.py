@@ -1,5 +1,5 @@
 """The gRPC server: a thin loop that hands each ext_proc stream to a StreamProcessor, and Envoy's
-access log stream (envoy/envoy-native.yaml) to the AccessLogReceiver.
+access log stream to the AccessLogReceiver.
 
 Also serves the standard gRPC health service. SIGTERM/SIGINT: report NOT_SERVING, stop accepting,
 let open streams finish (bounded grace), apply queued settlements, flush usage records, exit.
@@ -21,12 +21,14 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.limiter import limiter_from_url
+from extproc.metering.usage import Usage
 from extproc.policy import PolicyStore
 from extproc.records.sink import JsonlSink
 from extproc.service.access_log import AccessLogReceiver
 from extproc.service.processor import Context, StreamProcessor
 from extproc.service.seal import Seal
 from extproc.service.telemetry import Telemetry
+from extproc.settlement.outcome import Ending
 
 log = logging.getLogger("tokenmeter.server")
 
@@ -48,11 +50,6 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
         self.open_streams += 1
         try:
             async for request in request_iterator:
-                if request.observability_mode:
-                    # Envoy reads no reply; close our side at the end of the response.
-                    if proc.observe(request):
-                        return
-                    continue
                 yield await proc.handle(request)
                 if proc.exchange_over:
                     # Nothing more will come that needs an answer: end the stream from this side.
@@ -65,7 +62,7 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
             proc.close(graceful=graceful)
 
 
-# Envoy's access log stream (envoy/envoy-native.yaml) never ends by itself. Once every request
+# Envoy's access log stream never ends by itself. Once every request
 # admitted here has ended, wait this long for stray entries (Envoy flushes every 0.1 s there), then
 # stop instead of holding shutdown for the whole grace period.
 ACCESS_LOG_LINGER_S = 0.3
@@ -74,9 +71,8 @@ ACCESS_LOG_LINGER_S = 0.3
 async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s: float, replicas: int) -> None:
     """Shut down within `grace_s` without losing what was admitted here.
 
-    Requests whose response is accounted for elsewhere (envoy-native.yaml: Envoy's access log) end
-    in an access log entry that can only arrive while this server still serves: Envoy ends its
-    access log stream as soon as the server stops (GOAWAY). A lone processor (`replicas == 1`)
+    Admitted requests end in Envoy's access log entry, which can only arrive while this server still
+    serves: Envoy ends its access log stream as soon as the server stops (GOAWAY). A lone processor (`replicas == 1`)
     therefore keeps serving (it reports NOT_SERVING; new requests are still answered until Envoy
     stops sending them) until the requests it admitted have ended; what is still open at the end of
     the grace period is settled at its reservation and recorded as incomplete. With several
@@ -101,9 +97,10 @@ async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s:
         left = ctx.inflight.take_all()
         if left:
             log.warning("drain: %d requests admitted here had not ended; settled at their reservation", len(left))
-        for acct in left:
-            acct.finish_counted(None, body_bytes=0, complete=False, response_model=None, duration_ms=None,
-                                limiter=ctx.limiter, sink=ctx.sink, telemetry=ctx.telemetry)
+        for admitted in left:
+            rec = admitted.record
+            ctx.settlement.end(rec, Ending.INCOMPLETE, charge=rec.reserved_tokens, usage=Usage(
+                admitted.prompt_estimate, max(0, rec.reserved_tokens - admitted.prompt_estimate), estimated=True))
 
 
 @dataclass(frozen=True)
@@ -176,7 +173,7 @@ async def serve(opts: ServeOptions) -> None:
     )
     processor = ExternalProcessor(ctx)
     pb_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    # envoy/envoy-native.yaml: requests end (and settle) through Envoy's gRPC access log.
+    # Requests end (and settle) through Envoy's gRPC access log.
     als_grpc.add_AccessLogServiceServicer_to_server(AccessLogReceiver(ctx), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -3,6 +3,7 @@ path as attributes), and Envoy's access log entry settles and records the reques
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import orjson
@@ -16,6 +17,7 @@ from google.protobuf import struct_pb2
 from extproc.limiter.types import Decision, Reservation
 from extproc.metering.request import Schema
 from extproc.policy import load_policy
+from extproc.protos.facts import facts_from_struct
 from extproc.service.access_log import AccessLogReceiver, settle_entry
 from extproc.service.metadata import NAMESPACE, SETTLE_LOG_NAME, USAGE_NAMESPACE
 from extproc.service.processor import Context, FixedPolicy, StreamProcessor
@@ -89,7 +91,9 @@ async def test_the_body_alone_admits_with_attribution_in_metadata_and_ends_the_e
     assert resp.WhichOneof("response") == "request_body"
     md = resp.dynamic_metadata.fields[NAMESPACE].struct_value
     assert (md["tenant"], md["key_id"], md["pool"], md["decision"]) == ("acme", "e2e-basic", "h100", "admitted")
-    assert md["reserved_tokens"] == limiter.reserved[0].tokens > 0
+    facts = facts_from_struct(md)  # the admission facts: this project's message (protos/), one field
+    assert facts is not None and facts.reserved_tokens == limiter.reserved[0].tokens > 0
+    assert (facts.tenant, facts.key_id, facts.request_id) == ("acme", "e2e-basic", md["request_id"])
     # Envoy ignores header mutations without a headers phase (the route sets attribution instead),
     # but re-routes on the processor's metadata only after a reply that carries one: an empty one.
     mutation = resp.request_body.response.header_mutation
@@ -157,7 +161,8 @@ async def test_a_cut_stream_without_usage_stays_charged_at_its_reservation() -> 
     reserved = limiter.reserved[0].tokens
     assert settle_entry(ctx, access_log_entry(admission, usage=None, cut=True))
     assert limiter.settled[0][2] == reserved
-    assert (sink.records[0].decision, sink.records[0].usage_source) == ("admitted_incomplete", "estimated")
+    assert ((sink.records[0].decision, sink.records[0].ending), sink.records[0].usage_source) == (
+        ("admitted", "incomplete"), "estimated")
 
 
 async def test_an_upstream_error_without_usage_is_charged_nothing() -> None:
@@ -284,7 +289,8 @@ async def test_a_response_envoy_replaced_after_the_model_answered_stays_charged(
     entry.common_properties.time_to_first_upstream_rx_byte.FromMilliseconds(40)
     assert settle_entry(ctx, entry)
     assert limiter.settled[0][2] == reserved
-    assert (sink.records[0].decision, sink.records[0].usage_source) == ("admitted_incomplete", "estimated")
+    assert ((sink.records[0].decision, sink.records[0].ending), sink.records[0].usage_source) == (
+        ("admitted", "incomplete"), "estimated")
 
 
 class _StoppedServer:
@@ -305,7 +311,8 @@ async def test_a_lone_processor_settles_what_is_still_open_at_the_end_of_its_gra
     await _drain(server, ExternalProcessor(ctx), 0.2, replicas=1)  # type: ignore[arg-type]
     assert server.stops and len(ctx.inflight) == 0
     assert limiter.settled[0][2] == reserved
-    assert [(r.decision, r.usage_source) for r in sink.records] == [("admitted_incomplete", "estimated")]
+    assert [((r.decision, r.ending), r.usage_source) for r in sink.records] == [
+        (("admitted", "incomplete"), "estimated")]
 
 
 async def test_one_of_several_replicas_does_not_wait_for_entries_that_may_go_elsewhere() -> None:
@@ -332,7 +339,7 @@ async def test_an_admission_whose_reply_envoy_never_applied_gives_the_reservatio
     entry.response.response_code_details = "ext_proc_error_gRPC_error_4"  # Envoy's ext_proc call failed
     assert not settle_entry(ctx, entry)
     assert [s[2] for s in limiter.settled] == [0]
-    assert [(r.decision, r.status, r.tenant) for r in sink.records] == [("aborted", 504, "acme")]
+    assert [(r.ending, r.status, r.tenant) for r in sink.records] == [("aborted", 504, "acme")]
     assert len(ctx.inflight) == 0 and len(ctx.by_envoy_id) == 0
 
 
@@ -371,7 +378,7 @@ async def test_a_client_gone_while_reserving_gets_one_record_not_two() -> None:
     entry = alog.HTTPAccessLogEntry()  # Envoy's entry: 499-like, none of our metadata
     entry.request.request_id = "envoy-gone"
     assert not settle_entry(ctx, entry)
-    assert [r.decision for r in sink.records] == ["aborted"]
+    assert [(r.decision, r.ending) for r in sink.records] == [("pending", "aborted")]
 
 
 async def test_with_a_settle_secret_an_entry_without_metadata_never_refunds() -> None:
@@ -384,7 +391,7 @@ async def test_with_a_settle_secret_an_entry_without_metadata_never_refunds() ->
     entry.response.response_code_details = "ext_proc_error_gRPC_error_4"
     assert not settle_entry(ctx, entry)
     assert [s[2] for s in limiter.settled] == [limiter.reserved[0].tokens]  # stays charged
-    assert [r.decision for r in sink.records] == ["aborted_incomplete"]
+    assert [(r.decision, r.ending) for r in sink.records] == [("admitted", "aborted")]
 
 
 def _sealed_context() -> tuple[Context, RecordingLimiter, ListSink]:
@@ -403,13 +410,22 @@ async def test_with_a_settle_secret_a_sealed_entry_settles_and_a_tampered_one_do
     assert limiter.settled[-1][2] == 5
 
     second = await StreamProcessor(ctx).handle(body_only(CHAT, envoy_id="envoy-2"))
-    forged = access_log_entry(second, usage={"prompt_tokens": 0, "completion_tokens": 0})
-    forged.common_properties.metadata.filter_metadata[NAMESPACE].fields["tenant"].string_value = "globex"
-    assert not settle_entry(ctx, forged)
+    tampered = access_log_entry(second, usage={"prompt_tokens": 0, "completion_tokens": 0})
+    md = tampered.common_properties.metadata.filter_metadata[NAMESPACE].fields
+    facts = facts_from_struct(md)
+    assert facts is not None
+    facts.tenant = "globex"  # charge someone else
+    md["facts"].string_value = base64.b64encode(facts.SerializeToString()).decode()
+    assert not settle_entry(ctx, tampered)
     made_up = access_log_entry(second)
     del made_up.common_properties.metadata.filter_metadata[NAMESPACE].fields["seal"]
     assert not settle_entry(ctx, made_up)
     assert len(limiter.settled) == 1 and len(sink.records) == 1
+    # the plain copies are for Envoy's readers only: editing them changes nothing that is settled
+    plain = access_log_entry(second, usage={"prompt_tokens": 1, "completion_tokens": 1})
+    plain.common_properties.metadata.filter_metadata[NAMESPACE].fields["tenant"].string_value = "globex"
+    assert settle_entry(ctx, plain)
+    assert limiter.settled[-1][0] == "acme" and sink.records[-1].tenant == "acme"
 
 
 def test_a_settle_secret_must_not_be_trivially_short() -> None:

@@ -58,7 +58,7 @@ async def test_a_stream_cancelled_while_reserving_gives_the_reservation_back_and
         pass
     proc.close(graceful=False)
     assert limiter.settled == [("acme", limiter.reserved[0], 0)]
-    assert [r.decision for r in sink.records] == ["aborted"]
+    assert [(r.decision, r.ending) for r in sink.records] == [("pending", "aborted")]
 
 
 async def test_a_request_that_never_reaches_its_body_is_recorded_as_aborted() -> None:
@@ -68,4 +68,4 @@ async def test_a_request_that_never_reaches_its_body_is_recorded_as_aborted() ->
                                         "authorization": "Bearer e2e-basic-key"}))
     proc.close(graceful=True)
     assert limiter.reserved == [] and limiter.settled == []
-    assert [(r.decision, r.tenant) for r in sink.records] == [("aborted", "acme")]
+    assert [(r.ending, r.tenant) for r in sink.records] == [("aborted", "acme")]

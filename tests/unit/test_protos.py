@@ -92,7 +92,7 @@ def test_plain_fields_for_envoy() -> None:
         "key_id": "ci-bot",
         "pool": "h100",
         "policy_version": "sha256:abc123",
-        "decision": "alert_degraded",
+        "decision": "alert",
         "model": "llama-3.1-8b",
     }
     unset = F.facts_to_struct_fields(pb.AdmissionFacts(request_id="r", decision=pb.DECISION_ADMITTED))
@@ -161,13 +161,17 @@ def test_round_trip_of_arbitrary_values(
 
 
 def test_decision_labels() -> None:
-    assert F.decision_label(pb.DECISION_ADMITTED) == "admitted"
-    assert F.decision_label(pb.DECISION_ADMITTED, degraded=True) == "admitted_degraded"
-    assert F.decision_label(pb.DECISION_ADMITTED_SHADOW, degraded=True) == "shadow_degraded"
-    assert F.decision_label(pb.DECISION_THROTTLED, degraded=True) == "throttled"
+    assert F.decision_label(pb.DECISION_ADMITTED) == "admitted"  # degraded is a flag, never a suffix
+    assert F.decision_value("shadow") == pb.DECISION_ADMITTED_SHADOW
+    assert F.decision_value("nonsense") == pb.DECISION_UNSPECIFIED
+    assert F.decision_label(pb.DECISION_THROTTLED) == "throttled"
     assert F.decision_label(pb.DECISION_REFUSED_UNAUTHENTICATED) == "refused"
     assert F.decision_label(pb.DECISION_UNSPECIFIED) == "pending"
     assert len({F.decision_label(pb.Decision.Value(name)) for name in pb.Decision.keys()}) == len(pb.Decision.keys())
+    from extproc.settlement.outcome import Decision
+
+    for name in pb.Decision.keys():  # every proto Decision is one of the record's
+        Decision(F.decision_label(pb.Decision.Value(name)))
 
 
 def test_api_and_schema_for_path() -> None:

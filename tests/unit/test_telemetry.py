@@ -11,6 +11,7 @@ from extproc.limiter.types import Decision
 from extproc.policy.model import ApiKey
 from extproc.records.record import UsageRecord
 from extproc.service.telemetry import Telemetry
+from extproc.settlement.outcome import Decision as Outcome
 
 KEY = ApiKey("acme-web", "0" * 64, "acme", "chat", "search")
 
@@ -28,7 +29,7 @@ def scrape(reader: InMemoryMetricReader) -> dict[str, list[tuple[dict[str, Any],
 
 
 def record(prompt: int, completion: int, *, source: str = "reported") -> UsageRecord:
-    rec = UsageRecord(request_id="r", time=0.0, decision="admitted", policy_version="v1", tenant="acme",
+    rec = UsageRecord(request_id="r", time=0.0, decision=Outcome.ADMITTED, policy_version="v1", tenant="acme",
                       project="chat", team="search", key_id="acme-web", model="llama", pool="h100")
     rec.prompt_tokens, rec.completion_tokens, rec.usage_source = prompt, completion, source
     return rec

@@ -6,11 +6,12 @@ from pathlib import Path
 from extproc.records.record import UsageRecord
 from extproc.records.report import format_table, summarize
 from extproc.records.sink import JsonlSink, read_records
+from extproc.settlement.outcome import Decision
 
 
 def _rec(rid: str, decision: str, tenant: str | None = "acme", pool: str | None = "h100") -> UsageRecord:
     return UsageRecord(
-        request_id=rid, time=0.0, decision=decision, policy_version="v", tenant=tenant,
+        request_id=rid, time=0.0, decision=Decision(decision), policy_version="v", tenant=tenant,
         key_id="k" if tenant else None, pool=pool, prompt_tokens=10, completion_tokens=5,
     )
 
