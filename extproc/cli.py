@@ -10,6 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from extproc.policy import PolicyError, hash_key, load_policy
+from extproc.settings import FailureMode
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -34,6 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
         policy=args.policy,
         listen=args.listen,
         redis=args.redis,
+        redis_deadline_ms=args.redis_deadline_ms,
+        redis_failure_mode=FailureMode(args.redis_failure_mode),
         usage_log=args.usage_log,
         grace_seconds=args.grace,
         replicas_hint=args.replicas_hint,
@@ -104,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", required=True, help="policy YAML file (hot-reloaded)")
     s.add_argument("--listen", default="127.0.0.1:50051", help="host:port or unix:PATH")
     s.add_argument("--redis", default=None, help="redis://host:port/db (default: in-memory limiter)")
+    s.add_argument("--redis-deadline-ms", type=_positive_int, default=50,
+                   help="how long one admission may wait for Redis before the failure mode decides (default 50)")
+    s.add_argument("--redis-failure-mode", choices=[m.value for m in FailureMode], default=FailureMode.FAIL_OPEN.value,
+                   help="when Redis is down or misses the deadline: fail_open admits under a local per-replica "
+                   "limiter (marked degraded), fail_closed answers 503 (default fail_open)")
     s.add_argument("--usage-log", default="var/usage.jsonl", help="JSON Lines file of usage records")
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM")
     s.add_argument("--replicas-hint", type=int, default=1, help="replicas sharing limits (fail-open split)")

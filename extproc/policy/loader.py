@@ -21,14 +21,12 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from extproc.policy.model import (
     Action,
     ApiKey,
-    FailureMode,
     Limits,
     Mode,
     Period,
     Policy,
     Pool,
     Project,
-    RedisRules,
     RequestRules,
     Team,
     Tenant,
@@ -64,7 +62,6 @@ _LIMIT_INT_KEYS = (
 )
 _LIMIT_KEYS = (*_LIMIT_INT_KEYS, "quota_period", "action")
 _REQUEST_KEYS = ("max_body_bytes", "default_max_tokens", "max_tokens_cap")
-_REDIS_KEYS = ("deadline_ms", "on_failure")
 _POOL_KEYS = ("name", "tokens_per_minute", "endpoints")
 _TENANT_KEYS = ("limits", "projects")
 _PROJECT_KEYS = ("limits", "teams")
@@ -299,11 +296,11 @@ def _policy(root: Node, source: str) -> Policy:
     version = _string(top.require("version"), "version")
     mode = _optional_enum(top, "mode", Mode, Mode.ENFORCE)
     request = _request(top.get("request"))
-    redis = _redis(top.get("redis"))
+    _redis(top.get("redis"))
     pools = _pools(top.require("pools"))
     tenants = _tenants(top.require("tenants"))
     keys = _keys(top.require("keys"), tenants)
-    return Policy(version, mode, request, redis, pools, tenants, keys, source=source)
+    return Policy(version, mode, request, pools, tenants, keys, source=source)
 
 
 def _request(node: Node | None) -> RequestRules:
@@ -325,15 +322,15 @@ def _request(node: Node | None) -> RequestRules:
     return rules
 
 
-def _redis(node: Node | None) -> RedisRules:
-    if node is None:
-        return RedisRules()
-    m = _map_node(node, "redis", _REDIS_KEYS)
-    defaults = RedisRules()
-    return RedisRules(
-        deadline_ms=_optional_int(m, "deadline_ms") or defaults.deadline_ms,
-        on_failure=_optional_enum(m, "on_failure", FailureMode, defaults.on_failure),
-    )
+def _redis(node: Node | None) -> None:
+    """`redis` was a policy section; it is a process setting now (read once at start, where a policy
+    edit would silently have done nothing): refused with where it went."""
+    if node is not None:
+        raise _Invalid(
+            node,
+            "the redis section is no longer part of the policy (it never took effect on reload): "
+            "use `tokenmeter serve --redis-deadline-ms N --redis-failure-mode fail_open|fail_closed`",
+        )
 
 
 def _limits(node: Node | None, where: str) -> Limits:

@@ -23,11 +23,6 @@ class Period(StrEnum):
     MONTH = "month"
 
 
-class FailureMode(StrEnum):
-    FAIL_OPEN = "fail_open"
-    FAIL_CLOSED = "fail_closed"
-
-
 @dataclass(frozen=True)
 class Limits:
     """Limits of one scope. None means unlimited."""
@@ -99,17 +94,10 @@ class RequestRules:
 
 
 @dataclass(frozen=True)
-class RedisRules:
-    deadline_ms: int = 50
-    on_failure: FailureMode = FailureMode.FAIL_OPEN
-
-
-@dataclass(frozen=True)
 class Policy:
     version: str
     mode: Mode
     request: RequestRules
-    redis: RedisRules
     pools: tuple[Pool, ...]  # preference order; the first pool with room serves
     tenants: Mapping[str, Tenant]
     keys_by_sha256: Mapping[str, ApiKey]

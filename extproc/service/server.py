@@ -12,7 +12,6 @@ import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
 from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
@@ -28,6 +27,7 @@ from extproc.service.access_log import AccessLogReceiver
 from extproc.service.processor import Context, StreamProcessor
 from extproc.service.seal import Seal
 from extproc.service.telemetry import Telemetry
+from extproc.settings import Settings
 from extproc.settlement.outcome import Ending
 
 log = logging.getLogger("tokenmeter.server")
@@ -103,17 +103,7 @@ async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s:
                 admitted.prompt_estimate, max(0, rec.reserved_tokens - admitted.prompt_estimate), estimated=True))
 
 
-@dataclass(frozen=True)
-class ServeOptions:
-    policy: str
-    listen: str = "127.0.0.1:50051"
-    redis: str | None = None
-    usage_log: str = "var/usage.jsonl"
-    grace_seconds: float = 10.0
-    reload_interval: float = 1.0
-    replicas_hint: int = 1
-    metrics_port: int | None = None
-    settle_secret_file: str | None = None
+ServeOptions = Settings  # the process settings (extproc.settings)
 
 
 def _telemetry(metrics_port: int | None) -> Telemetry:
@@ -148,8 +138,8 @@ async def serve(opts: ServeOptions) -> None:
     policy = store.current
     limiter = limiter_from_url(
         opts.redis,
-        deadline_ms=policy.redis.deadline_ms,
-        on_failure=str(policy.redis.on_failure),
+        deadline_ms=opts.redis_deadline_ms,
+        on_failure=str(opts.redis_failure_mode),
         replicas_hint=opts.replicas_hint,
     )
     start = getattr(limiter, "start", None)
@@ -158,7 +148,7 @@ async def serve(opts: ServeOptions) -> None:
             await start()  # load scripts (and learn a cluster's topology) before the first request
         except Exception as exc:  # Redis down at boot: serve anyway, per the failure policy
             log.warning("redis not reachable at start (%s); admission follows on_failure=%s until it is",
-                        type(exc).__name__, policy.redis.on_failure)
+                        type(exc).__name__, opts.redis_failure_mode)
     sink = JsonlSink(opts.usage_log)
     sink.start()
     seal = Seal.from_file(opts.settle_secret_file) if opts.settle_secret_file else None

@@ -1,4 +1,5 @@
-"""Redis stopped or hung under live traffic through Envoy: the policy's fail_open / fail_closed answer."""
+"""Redis stopped or hung under live traffic through Envoy: the fail_open / fail_closed answer
+(`tokenmeter serve --redis-failure-mode`)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ BASIC = "e2e-basic-key"
 
 
 def _stack(tmp_path: Path, on_failure: str) -> Stack:
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(E2E_POLICY.read_text().replace("on_failure: fail_open", f"on_failure: {on_failure}"))
-    return Stack(StackOptions(policy=policy, run_dir=tmp_path / "run"))
+    # a process setting, not policy: tokenmeter serve --redis-failure-mode
+    return Stack(StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run",
+                              processor_extra=("--redis-failure-mode", on_failure, "--redis-deadline-ms", "50")))
 
 
 @pytest.fixture

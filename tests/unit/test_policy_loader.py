@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from extproc.policy import (
     Action,
-    FailureMode,
     Mode,
     Period,
     PolicyError,
@@ -105,7 +104,6 @@ def test_example_policy_has_tenants_pools_and_rules() -> None:
     assert set(acme.projects["chatbot"].teams) == {"support"}
     assert set(policy.tenants["globex"].projects) == {"search"}
     assert policy.mode is Mode.ENFORCE
-    assert policy.redis.on_failure is FailureMode.FAIL_OPEN
     assert policy.request.max_body_bytes == 262144
     assert policy.request.default_max_tokens == 256
     assert policy.request.max_tokens_cap == 4096
@@ -125,7 +123,6 @@ def test_optional_sections_take_the_model_defaults() -> None:
     policy = parse_policy(BASE, "p.yaml")
     assert policy.mode is Mode.ENFORCE
     assert policy.request.default_max_tokens == 1024
-    assert policy.redis.deadline_ms == 50
     assert policy.tenants["acme"].projects["chat"].limits.empty
 
 
@@ -155,13 +152,18 @@ def test_explicit_sections_are_read() -> None:
     text = BASE + (
         "mode: shadow\n"
         "request: {max_body_bytes: 1000, default_max_tokens: 10, max_tokens_cap: 20}\n"
-        "redis: {deadline_ms: 5, on_failure: fail_closed}\n"
     )
     policy = parse_policy(text, "p.yaml")
     assert policy.mode is Mode.SHADOW
     assert (policy.request.max_body_bytes, policy.request.default_max_tokens) == (1000, 10)
     assert policy.request.max_tokens_cap == 20
-    assert (policy.redis.deadline_ms, policy.redis.on_failure) == (5, FailureMode.FAIL_CLOSED)
+
+
+def test_a_redis_section_is_refused_and_points_to_the_process_settings() -> None:
+    # it was read once at start, so a live edit of it silently did nothing
+    error = _error(BASE + "redis: {deadline_ms: 5, on_failure: fail_closed}\n")
+    assert error.line == BASE.count("\n") + 1
+    assert "--redis-deadline-ms" in error.reason and "--redis-failure-mode" in error.reason
 
 
 def test_a_team_or_project_may_be_left_empty() -> None:
@@ -313,12 +315,6 @@ ERROR_CASES = [
         "    limits: {quota_period: week}  #<\n",
         "unknown quota_period 'week' (expected one of: day, month)",
         id="quota-period",
-    ),
-    pytest.param(
-        'version: "t1"\n',
-        'version: "t1"\nredis:\n  on_failure: retry  #<\n',
-        "redis.on_failure: unknown on_failure 'retry' (expected one of: fail_open, fail_closed)",
-        id="on-failure",
     ),
     pytest.param(
         "pools:\n  - name: fast\n    tokens_per_minute: 100\n  - name: slow\n",

@@ -1,0 +1,34 @@
+"""Process settings: read once when `tokenmeter serve` starts, never part of the reloadable policy.
+
+Where the processor listens, which Redis it uses, how long an admission may wait for Redis and what
+it decides when Redis cannot answer are properties of the deployment, like envoyproxy/ratelimit's
+settings. They used to sit in the policy, where a hot-reloaded edit silently did nothing; a policy
+with a `redis` section is now refused with a pointer here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class FailureMode(StrEnum):
+    """What admission decides when Redis is down or misses the deadline."""
+
+    FAIL_OPEN = "fail_open"  # admit under a local per-replica limiter (limits / replicas), marked degraded
+    FAIL_CLOSED = "fail_closed"  # refuse with 503 quota_service_unavailable + Retry-After
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy: str
+    listen: str = "127.0.0.1:50051"
+    redis: str | None = None  # None: the in-memory limiter (one process, tests and demos)
+    redis_deadline_ms: int = 50
+    redis_failure_mode: FailureMode = FailureMode.FAIL_OPEN
+    usage_log: str = "var/usage.jsonl"
+    grace_seconds: float = 10.0
+    reload_interval: float = 1.0
+    replicas_hint: int = 1
+    metrics_port: int | None = None
+    settle_secret_file: str | None = None
