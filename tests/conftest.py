@@ -26,7 +26,7 @@ def redis_server() -> Iterator[RedisProcess]:
     try:
         yield server
     finally:
-        server.stop()
+        server.close()
 
 
 @pytest.fixture
@@ -36,7 +36,7 @@ def own_redis() -> Iterator[RedisProcess]:
     try:
         yield server
     finally:
-        server.stop()
+        server.close()
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def redis_cluster() -> Iterator[RedisClusterProcess]:
     try:
         yield cluster
     finally:
-        cluster.stop()
+        cluster.close()
 
 
 @pytest.fixture

@@ -73,6 +73,11 @@ class RedisClusterProcess:
         for n in self.nodes:
             n.stop()
 
+    def close(self) -> None:
+        """Stop every node for good and remove their work directories."""
+        for n in self.nodes:
+            n.close()
+
 
 def _wait_cluster_ok(cluster: RedisClusterProcess, timeout: float) -> None:
     deadline = time.monotonic() + timeout
@@ -120,5 +125,5 @@ def start_redis_cluster(primaries: int = 3, *, timeout: float = 20.0) -> RedisCl
         return cluster
     except BaseException:
         for n in nodes:
-            n.stop()
+            n.close()
         raise

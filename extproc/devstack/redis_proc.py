@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ class RedisProcess:
     proc: subprocess.Popen[bytes]
     workdir: str
     extra_args: tuple[str, ...] = field(default=())
+    owns_workdir: bool = False  # made for this server: removed by close()
 
     @property
     def url(self) -> str:
@@ -45,6 +47,13 @@ class RedisProcess:
                 self.proc.kill()
                 self.proc.wait()
 
+    def close(self) -> None:
+        """Stop for good, and remove the work directory this server was given (nothing is left in
+        the temp folder)."""
+        self.stop()
+        if self.owns_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
     def restart(self) -> None:
         """Start again on the same port (data is not persisted)."""
         self.stop()
@@ -56,6 +65,7 @@ def start_redis_server(
     port: int | None = None, *, extra_args: Sequence[str] = (), workdir: str | None = None
 ) -> RedisProcess:
     port = port or free_port()
+    owns = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="tm-redis-")
     argv = redis_argv(port=port)
     args = [find_redis_server(), *argv[1:], "--bind", "127.0.0.1", "--dir", workdir, *extra_args]
@@ -64,5 +74,7 @@ def start_redis_server(
         wait_for_port(port)
     except TimeoutError:
         proc.kill()
+        if owns:
+            shutil.rmtree(workdir, ignore_errors=True)
         raise
-    return RedisProcess(port=port, proc=proc, workdir=workdir, extra_args=tuple(extra_args))
+    return RedisProcess(port=port, proc=proc, workdir=workdir, extra_args=tuple(extra_args), owns_workdir=owns)

@@ -197,7 +197,7 @@ class Stack:
             proc.stop()
         self.procs.clear()
         if self.redis is not None:
-            self.redis.stop()
+            self.redis.close()
             self.redis = None
 
     # -- helpers ---------------------------------------------------------------------------

@@ -14,6 +14,8 @@ The request path, in Envoy's filter order (requests top-down, responses bottom-u
                      pool, and an edited body (include_usage, ...). Never on the response path.
   buffer             holds the request until the processor has answered, so the route is chosen on
                      the processor's metadata (pool, response plan)
+  ext_proc (meter)   the processor on the response, only on the routes of a pool whose servers report
+                     no usage: it reads the streamed body and counts the tokens -> tokenmeter.usage
   lua                (only on strip_usage routes) takes out of the stream the usage event the
                      gateway asked for on a client's behalf; synchronous, never holds a chunk
   json_to_metadata   reads the server's usage from JSON bodies  -> tokenmeter.usage
@@ -62,6 +64,7 @@ from extproc.service.metadata import (
 
 PROCESSOR_CLUSTER = "tokenmeter_processor"
 STRIP_USAGE_SCRIPT = "strip_usage"
+METER_FILTER = "tokenmeter.meter"  # the processor on the response, for pools that report no usage
 _T = "type.googleapis.com/envoy.extensions"
 
 
@@ -118,33 +121,18 @@ class Deployment:
     buffer_limit_bytes: int = 4 * 1024 * 1024
 
 
-# Where each API reports usage, as JSON paths -> the key in the tokenmeter.usage namespace (read
-# back by extproc.metering.envoy_usage). OpenAI: `usage` on the JSON body and on the final SSE chunk
-# (include_usage); the Responses API in `response.usage` of its last event. Anthropic: `usage` on the
-# JSON body; in a stream, input tokens on message_start (`message.usage`) and cumulative output
-# tokens on every message_delta (`usage`). The last value seen wins.
-USAGE_PATHS: list[tuple[list[str], str]] = [
-    (["usage", "prompt_tokens"], "prompt_tokens"),
-    (["usage", "completion_tokens"], "completion_tokens"),
-    (["usage", "total_tokens"], "total_tokens"),
-    (["usage", "prompt_tokens_details", "cached_tokens"], "cached_tokens"),
-    (["usage", "completion_tokens_details", "reasoning_tokens"], "reasoning_tokens"),
-    (["usage", "input_tokens"], "input_tokens"),
-    (["usage", "output_tokens"], "output_tokens"),
-    (["usage", "cache_creation_input_tokens"], "cache_creation_input_tokens"),
-    (["usage", "cache_read_input_tokens"], "cache_read_input_tokens"),
-    (["usage", "input_tokens_details", "cached_tokens"], "input_cached_tokens"),
-    (["usage", "output_tokens_details", "reasoning_tokens"], "output_reasoning_tokens"),
-    (["message", "usage", "input_tokens"], "input_tokens"),
-    (["message", "usage", "cache_creation_input_tokens"], "cache_creation_input_tokens"),
-    (["message", "usage", "cache_read_input_tokens"], "cache_read_input_tokens"),
-    (["response", "usage", "input_tokens"], "input_tokens"),
-    (["response", "usage", "output_tokens"], "output_tokens"),
-    (["response", "usage", "input_tokens_details", "cached_tokens"], "input_cached_tokens"),
-    (["response", "usage", "output_tokens_details", "reasoning_tokens"], "output_reasoning_tokens"),
-    (["model"], "response_model"),
-    (["message", "model"], "response_model"),
-]
+# Where each API reports usage, as JSON paths -> the key in the tokenmeter.usage namespace: the union
+# of every API module's rules (extproc.apis.envoy_usage_rules), read back by the same module's
+# ApiSchema.usage_from_envoy. One filter chain serves every API, so Envoy applies them all to every
+# response; the last rule present in a document wins, and a later SSE event overrides an earlier
+# one (Anthropic's cumulative message_delta usage).
+def _usage_paths() -> list[tuple[list[str], str]]:
+    from extproc.apis import envoy_usage_rules
+
+    return [(list(path), key) for path, key in envoy_usage_rules()]
+
+
+USAGE_PATHS: list[tuple[list[str], str]] = _usage_paths()
 
 # Model servers differ in how they spell JSON (llama.cpp, Ollama: "; charset=utf-8").
 JSON_CONTENT_TYPES = (
@@ -192,8 +180,28 @@ def _usage_rules() -> list[dict[str, Any]]:
     ]
 
 
+def _modes(*, request_headers: bool = False, response_body: bool = False, admission: bool = False) -> dict[str, str]:
+    return {
+        "request_header_mode": "SEND" if request_headers else "SKIP",
+        "request_body_mode": "BUFFERED" if admission else "NONE",
+        "request_trailer_mode": "SKIP",
+        "response_header_mode": "SKIP",
+        "response_body_mode": "STREAMED" if response_body else "NONE",
+        "response_trailer_mode": "SKIP",
+    }
+
+
 def _processor_grpc() -> dict[str, Any]:
-    return {"envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER}, "timeout": "1s"}
+    return {
+        "envoy_grpc": {"cluster_name": PROCESSOR_CLUSTER},
+        "timeout": "1s",
+        # A stream that cannot be opened (a replica just died) is tried again, on another host.
+        "retry_policy": {
+            "retry_back_off": {"base_interval": "0.005s", "max_interval": "0.05s"},
+            "num_retries": 2,
+            "retry_on": "connect-failure,refused-stream,reset,unavailable",
+        },
+    }
 
 
 def http_filters(deployment: Deployment) -> list[dict[str, Any]]:
@@ -232,14 +240,7 @@ def http_filters(deployment: Deployment) -> list[dict[str, Any]]:
                 # Fail closed: an ungoverned request is never let through.
                 "failure_mode_allow": False,
                 "message_timeout": "0.5s",
-                "processing_mode": {
-                    "request_header_mode": "SKIP",
-                    "request_body_mode": "BUFFERED",
-                    "request_trailer_mode": "SKIP",
-                    "response_header_mode": "SKIP",
-                    "response_body_mode": "NONE",
-                    "response_trailer_mode": "SKIP",
-                },
+                "processing_mode": _modes(admission=True),
                 "allow_mode_override": True,
                 "forward_rules": {"allowed_headers": {"patterns": [
                     {"exact": ":path"}, {"exact": ":method"}, {"exact": "authorization"}, {"exact": "x-api-key"},
@@ -257,6 +258,29 @@ def http_filters(deployment: Deployment) -> list[dict[str, Any]]:
             "typed_config": {
                 "@type": f"{_T}.filters.http.buffer.v3.Buffer",
                 "max_request_bytes": deployment.buffer_limit_bytes,
+            },
+        },
+        {
+            # The processor on the response path, only where counting needs it: on the routes of a
+            # pool whose servers report no usage (`reports_usage: false`), the route turns on
+            # STREAMED response bodies; everywhere else every mode is off and no stream is opened.
+            # It answers each chunk at once and writes its count to tokenmeter.usage at the end;
+            # it never fails a response that was admitted (failure_mode_allow).
+            "name": METER_FILTER,
+            "typed_config": {
+                "@type": f"{_T}.filters.http.ext_proc.v3.ExternalProcessor",
+                "grpc_service": _processor_grpc(),
+                "failure_mode_allow": True,
+                "message_timeout": "0.5s",
+                "processing_mode": _modes(),
+                "allow_mode_override": False,
+                "forward_rules": {"allowed_headers": {"patterns": [{"exact": ":status"}]}},
+                "response_attributes": ["response.code"],
+                "metadata_options": {
+                    "forwarding_namespaces": {"untyped": [NAMESPACE]},
+                    "receiving_namespaces": {"untyped": [USAGE_NAMESPACE]},
+                },
+                "stat_prefix": "meter",
             },
         },
         {
@@ -308,21 +332,28 @@ def routes(policy: Policy) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     lua_on = {"envoy.filters.http.lua": {
         "@type": f"{_T}.filters.http.lua.v3.LuaPerRoute", "name": STRIP_USAGE_SCRIPT}}
+    meter_on = {METER_FILTER: {
+        "@type": f"{_T}.filters.http.ext_proc.v3.ExtProcPerRoute",
+        "overrides": {"processing_mode": _modes(response_body=True)}}}
     for pool in policy.pools:
         pool_is = _md_match("pool", {"string_match": {"exact": pool.name}})
         route = {"cluster": pool_cluster(pool.name), "timeout": "0s"}
+        metered = {} if pool.reports_usage else copy.deepcopy(meter_on)
         out.append({
             "name": f"{pool.name}.strip_usage",
             "match": {"prefix": "/", "dynamic_metadata": [
                 pool_is, _md_match(STRIP_USAGE_KEY, {"bool_match": True})]},
             "route": dict(route),
-            "typed_per_filter_config": copy.deepcopy(lua_on),
+            "typed_per_filter_config": {**copy.deepcopy(lua_on), **metered},
         })
-        out.append({
+        plain: dict[str, Any] = {
             "name": pool.name,
             "match": {"prefix": "/", "dynamic_metadata": [pool_is]},
             "route": dict(route),
-        })
+        }
+        if metered:
+            plain["typed_per_filter_config"] = metered
+        out.append(plain)
     out.append({
         # Only a POST the processor never saw lands here: Envoy sends no message for an empty body.
         "name": "post_without_body",
@@ -341,14 +372,7 @@ def routes(policy: Policy) -> list[dict[str, Any]]:
         "route": {"cluster": pool_cluster(policy.pools[-1].name), "timeout": "0s"},
         "typed_per_filter_config": {"envoy.filters.http.ext_proc": {
             "@type": f"{_T}.filters.http.ext_proc.v3.ExtProcPerRoute",
-            "overrides": {"processing_mode": {
-                "request_header_mode": "SEND",
-                "request_body_mode": "BUFFERED",
-                "request_trailer_mode": "SKIP",
-                "response_header_mode": "SKIP",
-                "response_body_mode": "NONE",
-                "response_trailer_mode": "SKIP",
-            }},
+            "overrides": {"processing_mode": _modes(request_headers=True, admission=True)},
         }},
     })
     return out
@@ -425,27 +449,39 @@ def settle_access_log() -> dict[str, Any]:
     }
 
 
+def _cel(expression: str) -> dict[str, Any]:
+    return {"extension_filter": {
+        "name": "envoy.access_loggers.extension_filters.cel",
+        "typed_config": {"@type": f"{_T}.access_loggers.filters.cel.v3.ExpressionFilter", "expression": expression},
+    }}
+
+
+def _json_error(message: str, type_: str, code: str) -> dict[str, Any]:
+    return {"content_type": "application/json",
+            "json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}}}
+
+
 def _local_reply_config(deployment: Deployment) -> dict[str, Any]:
-    """Envoy's own 413 (a body over its buffer, before the processor sees it) as OpenAI-style JSON."""
+    """Every answer Envoy makes itself is an OpenAI-style JSON error, as the processor's are: its
+    413 (a body over its buffer, before the processor sees it), and any other (the processor
+    unreachable, a codec error, an overflow), with Envoy's reason as the code. The processor's own
+    refusals (details tokenmeter_*) and the generated routes' direct responses keep their bodies."""
     mib = deployment.buffer_limit_bytes / (1024 * 1024)
-    return {"mappers": [{
-        "filter": {"extension_filter": {
-            "name": "envoy.access_loggers.extension_filters.cel",
-            "typed_config": {
-                "@type": f"{_T}.access_loggers.filters.cel.v3.ExpressionFilter",
-                "expression": "response.code == 413 && response.code_details == 'request_payload_too_large'",
-            },
-        }},
-        "body_format_override": {
-            "content_type": "application/json",
-            "json_format": {"error": {
-                "message": f"Request body exceeds the gateway's buffer limit ({mib:g} MiB).",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "request_too_large",
-            }},
+    return {"mappers": [
+        {
+            "filter": _cel("response.code == 413 && response.code_details == 'request_payload_too_large'"),
+            "body_format_override": _json_error(
+                f"Request body exceeds the gateway's buffer limit ({mib:g} MiB).", "invalid_request_error",
+                "request_too_large"),
         },
-    }]}
+        {
+            "filter": _cel("response.code >= 400 && !response.code_details.startsWith('tokenmeter_')"
+                           " && response.code_details != 'direct_response'"),
+            "body_format_override": _json_error(
+                "The gateway could not complete the request (%RESPONSE_CODE_DETAILS%). Retry shortly.",
+                "api_error", "gateway_error"),
+        },
+    ]}
 
 
 def http_connection_manager(policy: Policy, deployment: Deployment) -> dict[str, Any]:
@@ -458,6 +494,10 @@ def http_connection_manager(policy: Policy, deployment: Deployment) -> dict[str,
         # (a client's own is replaced), so the id that joins an access log entry is never the client's.
         "use_remote_address": True,
         "preserve_external_request_id": False,
+        # A header spelled with underscores (x_tokenmeter_tenant) is one a CGI/WSGI-style server
+        # folds into a dashed name: none reaches a model server. (Client x-envoy-* headers, such as
+        # x-envoy-original-path, are stripped at the edge by use_remote_address.)
+        "common_http_protocol_options": {"headers_with_underscores_action": "DROP_HEADER"},
         # One spelling per path before routing and before the processor decides what is metered.
         "normalize_path": True,
         "merge_slashes": True,
@@ -485,10 +525,31 @@ def _cluster(name: str, endpoints: Sequence[Endpoint], **extra: Any) -> dict[str
 
 
 def processor_cluster(deployment: Deployment) -> dict[str, Any]:
+    """The processor replicas: a replica that is gone (connection refused or reset) is ejected at its
+    first failure, and one that drains (its gRPC health reports NOT_SERVING on SIGTERM) or dies
+    is taken out by the active health check within one interval."""
     limits = {"max_connections": 100000, "max_pending_requests": 100000, "max_requests": 100000}
     return _cluster(
         PROCESSOR_CLUSTER,
         deployment.processor,
+        health_checks=[{
+            "timeout": "0.25s",
+            "interval": "0.5s",
+            "no_traffic_interval": "0.5s",
+            "unhealthy_threshold": 1,
+            "healthy_threshold": 1,
+            "reuse_connection": True,
+            "grpc_health_check": {"service_name": "envoy.service.ext_proc.v3.ExternalProcessor"},
+        }],
+        outlier_detection={
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 1,
+            "consecutive_gateway_failure": 1,
+            "interval": "0.5s",
+            "base_ejection_time": "2s",
+            "max_ejection_percent": 100,
+        },
+        common_lb_config={"healthy_panic_threshold": {"value": 0}},
         typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": f"{_T}.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": 100000}},

@@ -1305,7 +1305,9 @@ async def _healthz(request: web.Request) -> web.Response:
 
 async def _stamp_headers(request: web.Request, response: web.StreamResponse) -> None:
     headers = request.headers
-    seen = sorted({k.lower() for k in headers if k.lower().startswith(ATTRIBUTION_PREFIX)})
+    # also the underscore spelling, which a CGI/WSGI-style server would fold into the same name
+    seen = sorted({k.lower() for k in headers
+                   if k.lower().replace("_", "-").startswith(ATTRIBUTION_PREFIX)})
     response.headers["x-fake-pool"] = request.app[STATE].pool
     response.headers["x-fake-seen-headers"] = ",".join(seen)
     response.headers["x-fake-seen-tenant"] = headers.get(TENANT_HEADER, "")

@@ -1,30 +1,8 @@
-"""Hot-path metering: request parsing, SSE framing, usage extraction and estimates. Pure, no I/O."""
+"""Hot-path metering: SSE framing, usage, estimates and the response meter. Pure, no I/O.
 
-from extproc.metering.estimate import estimate_prompt_tokens, estimate_tokens_from_text
-from extproc.metering.meter import ResponseMeter
-from extproc.metering.request import (
-    BadRequest,
-    RequestInfo,
-    inject_stream_usage,
-    parse_request,
-    schema_for_path,
-)
-from extproc.metering.sse import SSEEvent, SSEFramer
-from extproc.metering.usage import Schema, Usage, usage_from_anthropic, usage_from_openai
-
-__all__ = [
-    "BadRequest",
-    "RequestInfo",
-    "ResponseMeter",
-    "SSEEvent",
-    "SSEFramer",
-    "Schema",
-    "Usage",
-    "estimate_prompt_tokens",
-    "estimate_tokens_from_text",
-    "inject_stream_usage",
-    "parse_request",
-    "schema_for_path",
-    "usage_from_anthropic",
-    "usage_from_openai",
-]
+API-independent: what each API's JSON looks like is in extproc.apis (one `ApiSchema` per API),
+which the modules here are driven by. Import from the modules themselves
+(extproc.metering.meter.ResponseMeter, extproc.metering.usage.Usage, ...): this package imports
+nothing, so that importing a leaf module (extproc.metering.usage, which extproc.apis depends on)
+does not import the modules that depend on extproc.apis.
+"""

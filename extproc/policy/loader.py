@@ -38,8 +38,9 @@ _TAG_STR = "tag:yaml.org,2002:str"
 _TAG_INT = "tag:yaml.org,2002:int"
 _TAG_MERGE = "tag:yaml.org,2002:merge"
 _TAG_NULL = "tag:yaml.org,2002:null"
+_TAG_BOOL = "tag:yaml.org,2002:bool"
 _TAG_NAMES = {
-    "tag:yaml.org,2002:bool": "a boolean",
+    _TAG_BOOL: "a boolean",
     _TAG_NULL: "null",
     "tag:yaml.org,2002:float": "a float",
     _TAG_INT: "an integer",
@@ -62,7 +63,7 @@ _LIMIT_INT_KEYS = (
 )
 _LIMIT_KEYS = (*_LIMIT_INT_KEYS, "quota_period", "action")
 _REQUEST_KEYS = ("max_body_bytes", "default_max_tokens", "max_tokens_cap")
-_POOL_KEYS = ("name", "tokens_per_minute", "endpoints")
+_POOL_KEYS = ("name", "tokens_per_minute", "endpoints", "reports_usage")
 _TENANT_KEYS = ("limits", "projects")
 _PROJECT_KEYS = ("limits", "teams")
 _TEAM_KEYS = ("limits",)
@@ -268,6 +269,15 @@ def _optional_int(m: _Map, key: str) -> int | None:
     return _positive_int(node, m.sub(key)) if node is not None else None
 
 
+def _optional_bool(m: _Map, key: str, default: bool) -> bool:
+    node = m.get(key)
+    if node is None:
+        return default
+    if not isinstance(node, ScalarNode) or node.tag != _TAG_BOOL:
+        raise _Invalid(node, f"{m.sub(key)} must be true or false, got {_kind(node)}")
+    return bool(_CONSTRUCTOR.construct_yaml_bool(node))
+
+
 def _enum(node: Node, enum: type[_E], where: str) -> _E:
     choices = ", ".join(member.value for member in enum)
     if not isinstance(node, ScalarNode) or node.tag != _TAG_STR:
@@ -365,6 +375,7 @@ def _pools(node: Node) -> tuple[Pool, ...]:
         seen[name] = _line(name_node)
         pools.append(Pool(
             name=name, tokens_per_minute=_optional_int(m, "tokens_per_minute"), endpoints=_endpoints(m),
+            reports_usage=_optional_bool(m, "reports_usage", True),
         ))
     _check_overflow_last(node, pools)
     return tuple(pools)

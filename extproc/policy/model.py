@@ -84,6 +84,9 @@ class Pool:
     # where the pool's model servers listen ("host:port"): `tokenmeter envoy-config` renders one
     # Envoy cluster per pool from these (Envoy reads them at start; the processor never does)
     endpoints: tuple[str, ...] = ()
+    # false: its servers do not report usage (no include_usage, no usage object): the processor
+    # meters each response on the way (Envoy sends it the body) and counts the text
+    reports_usage: bool = True
 
 
 @dataclass(frozen=True)

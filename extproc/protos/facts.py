@@ -32,8 +32,6 @@ from collections.abc import Mapping
 
 from google.protobuf import message, struct_pb2
 
-from extproc.metering.request import normalize_path
-from extproc.metering.usage import Schema
 from extproc.protos.tokenmeter.v1 import admission_pb2 as pb
 from extproc.protos.tokenmeter.v1.admission_pb2 import AdmissionFacts
 from extproc.service.metadata import STRIP_USAGE_KEY
@@ -42,7 +40,6 @@ __all__ = [
     "FACTS_KEY",
     "PLAIN_FIELDS",
     "AdmissionFacts",
-    "api_for_path",
     "decision_label",
     "decision_value",
     "facts_bytes",
@@ -50,7 +47,6 @@ __all__ = [
     "facts_payload",
     "facts_to_struct_fields",
     "parse_facts",
-    "schema_for_api",
 ]
 
 FACTS_KEY = "facts"
@@ -75,15 +71,6 @@ _LABELS: dict[int, str] = {
 }
 _VALUES = {label: value for value, label in _LABELS.items()}
 
-# Normalized path (extproc.metering.request.normalize_path) -> Api.
-_APIS: dict[str, pb.Api] = {
-    "/v1/chat/completions": pb.API_OPENAI_CHAT,
-    "/v1/completions": pb.API_OPENAI_COMPLETIONS,
-    "/v1/embeddings": pb.API_OPENAI_EMBEDDINGS,
-    "/v1/responses": pb.API_OPENAI_RESPONSES,
-    "/v1/messages": pb.API_ANTHROPIC_MESSAGES,
-}
-
 
 def decision_label(decision: int) -> str:
     """The label of a Decision value (extproc.settlement.outcome.Decision's values): "admitted",
@@ -95,19 +82,6 @@ def decision_label(decision: int) -> str:
 def decision_value(label: str) -> int:
     """The Decision value of a label (the inverse of decision_label; unknown: DECISION_UNSPECIFIED)."""
     return _VALUES.get(label, pb.DECISION_UNSPECIFIED)
-
-
-def api_for_path(path: str) -> pb.Api:
-    """The API of a request path (any query string or odd spelling: see normalize_path);
-    API_UNSPECIFIED for a path that is not a metered inference endpoint."""
-    return _APIS.get(normalize_path(path), pb.API_UNSPECIFIED)
-
-
-def schema_for_api(api: pb.Api) -> Schema | None:
-    """The request and response schema of an API; None for API_UNSPECIFIED."""
-    if api == pb.API_UNSPECIFIED:
-        return None
-    return Schema.ANTHROPIC if api == pb.API_ANTHROPIC_MESSAGES else Schema.OPENAI
 
 
 def facts_bytes(facts: AdmissionFacts) -> bytes:

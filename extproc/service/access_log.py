@@ -14,17 +14,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import grpc
 from envoy.data.accesslog.v3 import accesslog_pb2 as alog
 from envoy.service.accesslog.v3 import als_pb2 as als
 from envoy.service.accesslog.v3 import als_pb2_grpc as als_grpc
 
-from extproc.metering.envoy_usage import response_model, usage_from_envoy
+from extproc.metering.envoy_usage import response_model
 from extproc.metering.usage import Usage
 from extproc.records.record import UsageRecord
 from extproc.service.metadata import NAMESPACE, SETTLE_LOG_NAME, USAGE_NAMESPACE
+from extproc.service.meter_stream import COUNTED_MODEL, counted_usage
 from extproc.service.processor import Context
 from extproc.settlement.admitted import Admitted, Unsealed
 from extproc.settlement.outcome import Decision, Ending
@@ -152,16 +153,25 @@ def settle_entry(ctx: Context, entry: alog.HTTPAccessLogEntry) -> bool:
     fields = dict(counted.items()) if counted is not None else {}
     status = _status(entry)
     complete = not was_cut(props.response_flags) and not replaced_by_envoy(entry)
+    reported = admitted.api.usage_from_envoy(fields)
+    counted = counted_usage(fields) if reported is None else None  # the processor metered the response
+    if counted is not None and not counted.estimated:
+        reported, counted = counted, None  # the meter saw the server's own usage after all
     usage = final_usage(
-        usage_from_envoy(fields, admitted.schema), status=status, complete=complete,
+        reported, status=status, complete=complete,
         body_bytes=entry.response.response_body_bytes, prompt_estimate=admitted.prompt_estimate,
-        reserved=admitted.record.reserved_tokens,
+        reserved=admitted.record.reserved_tokens, count=None if counted is None else lambda: counted,
     )
+    model = response_model(fields) or _counted_model(fields)
     return ctx.settlement.end(
         admitted.record, Ending.COMPLETED if complete else Ending.INCOMPLETE, usage=usage,
-        charge=usage.total_tokens, status=status, duration_ms=_duration_ms(props),
-        response_model=response_model(fields),
+        charge=usage.total_tokens, status=status, duration_ms=_duration_ms(props), response_model=model,
     )
+
+
+def _counted_model(fields: Mapping[str, object]) -> str | None:
+    value = fields.get(COUNTED_MODEL)
+    return value if isinstance(value, str) and value else None
 
 
 class AccessLogReceiver(als_grpc.AccessLogServiceServicer):  # type: ignore[misc]

@@ -23,19 +23,11 @@ from typing import Protocol
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from extproc.apis import ApiSchema, BadRequest, RequestInfo, api_for_path
 from extproc.limiter.types import Decision as LimiterDecision
 from extproc.limiter.types import Limiter, PoolCeiling, Reservation
-from extproc.metering.request import (
-    BadRequest,
-    RequestInfo,
-    Schema,
-    inject_stream_usage,
-    parse_request,
-    schema_for_path,
-)
 from extproc.metering.usage import Usage
 from extproc.policy.model import Action, ApiKey, Mode, Policy
-from extproc.protos.facts import api_for_path
 from extproc.records.record import RecordSink, UsageRecord
 from extproc.service import responses as R
 from extproc.service.admission import ScopePath, pool_ceilings, reservation_tokens, scope_path
@@ -52,6 +44,7 @@ from extproc.service.metadata import (
     H_TENANT,
     HEADER_PREFIX,
 )
+from extproc.service.meter_stream import MeterStream
 from extproc.service.ratelimit_headers import ratelimit_headers, ratelimit_metadata, retry_after
 from extproc.service.seal import Seal
 from extproc.service.telemetry import Telemetry
@@ -105,6 +98,7 @@ class Context:
         self._derived_for: Policy | None = None
         self._scopes: dict[str, ScopePath] = {}
         self._pools: tuple[PoolCeiling, ...] = ()
+        self._counted: frozenset[str] = frozenset()
 
     @property
     def policy(self) -> Policy:
@@ -113,6 +107,7 @@ class Context:
     def _derived(self, policy: Policy) -> None:
         if policy is not self._derived_for:
             self._derived_for, self._scopes, self._pools = policy, {}, pool_ceilings(policy)
+            self._counted = frozenset(p.name for p in policy.pools if not p.reports_usage)
 
     def scopes(self, key: ApiKey, policy: Policy) -> ScopePath:
         """The key's scope path under `policy` (admission.scope_path), computed once per policy."""
@@ -125,6 +120,11 @@ class Context:
     def pools(self, policy: Policy) -> tuple[PoolCeiling, ...]:
         self._derived(policy)
         return self._pools
+
+    def counted_pools(self, policy: Policy) -> frozenset[str]:
+        """Pools whose servers report no usage: their responses are metered by the processor."""
+        self._derived(policy)
+        return self._counted
 
 
 def _headers(msg: pb.HttpHeaders) -> dict[str, str]:
@@ -173,7 +173,7 @@ class RequestState:
     request_id: str
     phase: Phase = Phase.NEW
     path: str = ""
-    schema: Schema | None = None  # of the path (None: not a metered inference path)
+    api: ApiSchema | None = None  # of the path (None: not a metered inference path)
     key: ApiKey | None = None
     info: RequestInfo | None = None
     decision: LimiterDecision | None = None
@@ -185,15 +185,24 @@ class StreamProcessor:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.s = RequestState(policy=ctx.policy, request_id=_new_request_id())
+        self.meter: MeterStream | None = None  # this stream meters a response instead of admitting
 
     @property
     def exchange_over(self) -> bool:
-        """The request was answered (admitted or ended): nothing more comes on this stream. The
-        caller closes it then (left to Envoy's half-close, grpc.aio keeps a little per stream)."""
+        """The request was answered (admitted or ended), or the response metered to its end:
+        nothing more comes on this stream. The caller closes it then (left to Envoy's half-close,
+        grpc.aio keeps a little per stream)."""
+        if self.meter is not None:
+            return self.meter.done
         return self.s.phase in (Phase.ADMITTED, Phase.ENDED)
 
     async def handle(self, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         which = req.WhichOneof("request")
+        if self.meter is not None or (which == "response_body" and self.s.phase is Phase.NEW):
+            # The response of a pool that reports no usage (extproc.service.meter_stream).
+            if self.meter is None:
+                self.meter = MeterStream(self.ctx.seal)
+            return self.meter.handle(req)
         if which == "request_body":
             if self.s.phase is Phase.NEW:
                 # The usual case: the body alone, with path, method and credentials as attributes.
@@ -245,12 +254,12 @@ class StreamProcessor:
         s.record.tenant, s.record.project = key.tenant, key.project
         s.record.team, s.record.key_id = key.team, key.key_id
         s.scopes = self.ctx.scopes(key, s.policy)
-        schema = s.schema = schema_for_path(s.path)
-        if schema is not None and not end_of_stream:
+        api = s.api = api_for_path(s.path)
+        if api is not None and not end_of_stream:
             if body is not None:
                 return await self._on_request_body(body)
             return R.request_headers([], [])  # the body follows
-        if schema is not None:
+        if api is not None:
             return self._bad_request(BadRequest("request body is required", None))
         return await self._admit_unmetered(headers, key, with_body=body is not None)
 
@@ -326,9 +335,13 @@ class StreamProcessor:
                 code="request_too_large",
                 decision=Decision.TOO_LARGE,
             )
-        schema = s.schema or Schema.OPENAI
+        if s.api is None:  # a body on an unmetered path: only request headers come for those
+            return self._refuse(
+                404, f"{s.record.path} is not an endpoint this gateway meters.", type_="invalid_request_error",
+                code="unsupported_endpoint", decision=Decision.UNSUPPORTED)
+        api = s.api
         try:
-            info = parse_request(body, schema)
+            info = api.parse_request(body)
         except BadRequest as exc:
             return self._bad_request(exc)
         s.info = info
@@ -338,10 +351,12 @@ class StreamProcessor:
         refusal = self._refusal_for(decision)
         if refusal is not None:
             return refusal
-        new_body = inject_stream_usage(body) if info.wants_usage_injection else None
+        # Ask the server for stream usage on the client's behalf, unless its pool reports none anyway
+        # (there the processor meters the response: extproc.service.meter_stream).
+        inject = info.wants_usage_injection and decision.pool not in self.ctx.counted_pools(s.policy)
+        new_body = api.inject_stream_usage(body) if inject else None
         s.record.decision = self._admitted_decision(decision)
-        admitted = Admitted(s.record, api=api_for_path(s.path), schema=schema,
-                            prompt_estimate=info.prompt_tokens_estimate)
+        admitted = Admitted(s.record, api=api, prompt_estimate=info.prompt_tokens_estimate)
         # The route sets the attribution headers from this metadata (Envoy applies no header
         # mutation of a body reply without a headers phase) and picks the pool's cluster; it also
         # needs a header mutation (even empty) in the reply to re-route, which R.request_body sends.

@@ -57,10 +57,10 @@ def _set_struct(fields: MutableMapping[str, struct_pb2.Value], values: Mapping[s
 
 
 def _with_metadata(
-    resp: pb.ProcessingResponse, metadata: Mapping[str, MetadataValue] | None
+    resp: pb.ProcessingResponse, metadata: Mapping[str, MetadataValue] | None, namespace: str = NAMESPACE
 ) -> pb.ProcessingResponse:
     if metadata:
-        _set_struct(resp.dynamic_metadata.fields[NAMESPACE].struct_value.fields, metadata)
+        _set_struct(resp.dynamic_metadata.fields[namespace].struct_value.fields, metadata)
     return resp
 
 
@@ -115,7 +115,7 @@ CONTINUE_RESPONSE_BODY = pb.ProcessingResponse(response_body=pb.BodyResponse())
 
 
 def response_body(
-    metadata: Mapping[str, MetadataValue] | None = None, *, body: bytes | None = None
+    metadata: Mapping[str, MetadataValue] | None = None, *, body: bytes | None = None, namespace: str = NAMESPACE
 ) -> pb.ProcessingResponse:
     """The reply to a response body chunk; `body` replaces the chunk (STREAMED mode)."""
     if not metadata and body is None:
@@ -123,7 +123,7 @@ def response_body(
     resp = pb.ProcessingResponse(response_body=pb.BodyResponse())
     if body is not None:
         resp.response_body.response.body_mutation.body = body
-    return _with_metadata(resp, metadata)
+    return _with_metadata(resp, metadata, namespace)
 
 
 def immediate(

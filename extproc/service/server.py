@@ -67,17 +67,23 @@ class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc
 # stop instead of holding shutdown for the whole grace period.
 ACCESS_LOG_LINGER_S = 0.3
 
+# One of several replicas keeps serving this long after it reports NOT_SERVING, so that Envoy's
+# health check (every 0.5 s in the generated configuration, extproc.envoy.config) moves new
+# requests to the others before this one stops accepting them: a rolling restart fails nothing.
+HEALTH_NOTICE_S = 1.2
+
 
 async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s: float, replicas: int) -> None:
     """Shut down within `grace_s` without losing what was admitted here.
 
     Admitted requests end in Envoy's access log entry, which can only arrive while this server still
-    serves: Envoy ends its access log stream as soon as the server stops (GOAWAY). A lone processor (`replicas == 1`)
-    therefore keeps serving (it reports NOT_SERVING; new requests are still answered until Envoy
-    stops sending them) until the requests it admitted have ended; what is still open at the end of
-    the grace period is settled at its reservation and recorded as incomplete. With several
-    replicas the entries may go to any of them, so it does not wait for its own. Then it stops
-    taking calls, lets open ext_proc streams finish, and ends the access log stream.
+    serves: Envoy ends its access log stream as soon as the server stops (GOAWAY). A lone processor
+    (`replicas == 1`) therefore keeps serving (and stays in Envoy's rotation: there is no other)
+    until the requests it admitted have ended; what is still open at the end of the grace period is
+    settled at its reservation and recorded as incomplete. With several
+    replicas the entries may go to any of them, so it does not wait for its own; it serves on for
+    HEALTH_NOTICE_S while Envoy's health check moves new requests elsewhere. Then it stops taking
+    calls, lets open ext_proc streams finish, and ends the access log stream.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
@@ -87,6 +93,8 @@ async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s:
         while len(ctx.inflight) and loop.time() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.02)
         await asyncio.sleep(min(ACCESS_LOG_LINGER_S, max(0.0, deadline - loop.time())))  # stray entries
+    else:
+        await asyncio.sleep(min(HEALTH_NOTICE_S, max(0.0, deadline - loop.time())))
     stopping = asyncio.ensure_future(server.stop(max(0.0, deadline - loop.time())))
     while processor.open_streams and not stopping.done() and loop.time() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
@@ -187,7 +195,11 @@ async def serve(opts: ServeOptions) -> None:
     await stop.wait()
 
     log.info("shutting down: draining open streams (grace %.1fs)", opts.grace_seconds)
-    for name in ("", SERVICE_NAME):
+    # Envoy's health check asks for SERVICE_NAME: one of several replicas leaves the rotation at once.
+    # A lone processor stays in it (Envoy has nowhere else to send requests, nor the access log
+    # entries that end what it admitted); "" (readiness probes) reports NOT_SERVING either way.
+    draining = ("", SERVICE_NAME) if opts.replicas_hint > 1 else ("",)
+    for name in draining:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await _drain(server, processor, opts.grace_seconds, opts.replicas_hint)
     reload_task.cancel()

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 from google.protobuf import struct_pb2
 
-from extproc.metering.usage import Schema
+from extproc.apis import ApiSchema, api_by_id
 from extproc.protos import facts as codec
 from extproc.protos.tokenmeter.v1 import admission_pb2 as pb
 from extproc.records.record import UsageRecord
@@ -25,19 +25,18 @@ class Admitted:
     """One admitted request, as far as its settlement needs it."""
 
     # Kept per in-flight request until it ends (extproc.service.inflight): no __dict__.
-    __slots__ = ("api", "prompt_estimate", "record", "schema")
+    __slots__ = ("api", "prompt_estimate", "record")
 
-    def __init__(self, record: UsageRecord, *, api: int, schema: Schema, prompt_estimate: int) -> None:
+    def __init__(self, record: UsageRecord, *, api: ApiSchema, prompt_estimate: int) -> None:
         self.record = record
         self.api = api
-        self.schema = schema
         self.prompt_estimate = prompt_estimate
 
     def facts(self, *, usage_injected: bool = False) -> pb.AdmissionFacts:
         r = self.record
         facts = pb.AdmissionFacts(
             request_id=r.request_id, policy_version=r.policy_version, tenant=r.tenant or "",
-            project=r.project or "", team=r.team or "", key_id=r.key_id or "", api=self.api,  # type: ignore[arg-type]
+            project=r.project or "", team=r.team or "", key_id=r.key_id or "", api=self.api.api,
             path=r.path or "", requested_model=r.model or "", stream=r.stream, pool=r.pool or "",
             reserved_tokens=r.reserved_tokens, prompt_estimate=self.prompt_estimate,
             decision=codec.decision_value(r.decision),  # type: ignore[arg-type]
@@ -70,8 +69,10 @@ class Admitted:
         return cls.from_facts(facts)
 
     @classmethod
-    def from_facts(cls, f: pb.AdmissionFacts) -> Admitted:
-        schema = codec.schema_for_api(f.api) or Schema.OPENAI
+    def from_facts(cls, f: pb.AdmissionFacts) -> Admitted | None:
+        api = api_by_id(f.api)
+        if api is None:  # an admission always names its API: not facts this processor wrote
+            return None
         record = UsageRecord(
             request_id=f.request_id,
             time=f.admitted_at.ToNanoseconds() / 1e9,
@@ -89,7 +90,7 @@ class Admitted:
             alerts=tuple(f.alerts),
             degraded=f.degraded,
         )
-        return cls(record, api=f.api, schema=schema, prompt_estimate=f.prompt_estimate)
+        return cls(record, api=api, prompt_estimate=f.prompt_estimate)
 
 
 class Unsealed(Exception):

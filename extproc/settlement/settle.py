@@ -10,6 +10,7 @@ usage record, and counts the tokens, once per request id: a second ending of the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -41,8 +42,9 @@ def final_usage(
     Reported usage always wins. A response that completed with an error status and no usage served
     nothing, and so did one without a body. A complete body without usage is counted (`count`: the
     processor's meter reads the text), or, where only its size is known (Envoy metered it), estimated
-    at a token per 4 bytes within the reservation. A response cut before usage stays charged at its
-    reservation, marked estimated.
+    at a token per 4 bytes; either estimate stays within the output the reservation allowed (the
+    request's own maximum: no server generates more). A response cut before usage stays charged at
+    its reservation, marked estimated.
     """
     if reported is not None:
         return reported
@@ -50,9 +52,12 @@ def final_usage(
         return Usage(0, 0)
     if complete and body_bytes == 0:
         return Usage(0, 0)  # a response without a body served nothing
-    if complete and count is not None:
-        return count()
     output = max(0, reserved - prompt_estimate)
+    if complete and count is not None:
+        counted = count()
+        if counted.estimated and counted.completion_tokens > output:
+            return dataclasses.replace(counted, completion_tokens=output)
+        return counted
     if complete:
         output = min(output, (body_bytes + 3) // 4)
     return Usage(prompt_estimate, output, estimated=True)

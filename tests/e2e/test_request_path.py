@@ -137,6 +137,16 @@ def test_spoofed_attribution_and_routing_headers_have_no_effect(stack: Stack) ->
     assert "authorization" not in seen
 
 
+def test_underscore_spellings_and_envoy_internal_headers_reach_neither_upstream_nor_log(stack: Stack) -> None:
+    spoof = {"x_tokenmeter_tenant": "globex", "x_tokenmeter_pool": "cheap", "x-envoy-original-path": "/forged"}
+    reply = chat(stack.base_url, BASIC, max_tokens=4, extra_headers=spoof)
+    assert reply.status == 200
+    assert not any("_" in name for name in reply.headers["x-fake-seen-headers"].split(","))
+    rid = reply.headers["x-tokenmeter-request-id"]
+    entry = _wait_for(lambda: next((e for e in stack.access_log_entries() if e.get("request_id") == rid), None))
+    assert entry is not None and entry["path"] == "/v1/chat/completions"
+
+
 def test_malformed_json_gets_a_clear_400(stack: Stack) -> None:
     headers = {"authorization": f"Bearer {BASIC}", "content-type": "application/json"}
     reply = request(stack.base_url, "POST", "/v1/chat/completions", b'{"model": "x", "messages": [', headers)

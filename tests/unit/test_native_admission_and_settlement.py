@@ -14,8 +14,11 @@ from envoy.service.accesslog.v3 import als_pb2 as als
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf import struct_pb2
 
+from extproc.apis.anthropic_messages import API as ANTHROPIC
+from extproc.apis.openai_chat import API as CHAT_API
+from extproc.apis.openai_embeddings import API as EMBEDDINGS
+from extproc.apis.openai_responses import API as RESPONSES
 from extproc.limiter.types import Decision, Reservation
-from extproc.metering.request import Schema
 from extproc.policy import load_policy
 from extproc.protos.facts import facts_from_struct
 from extproc.service.access_log import AccessLogReceiver, settle_entry
@@ -234,25 +237,22 @@ async def test_only_the_settle_log_settles_and_a_bad_entry_does_not_drop_the_bat
     assert receiver.settled >= 1
 
 
-def test_reported_usage_is_read_back_per_schema() -> None:
-    from extproc.metering.envoy_usage import usage_from_envoy
-
-    openai = usage_from_envoy({"prompt_tokens": 10.0, "completion_tokens": 5.0, "cached_tokens": 4.0}, Schema.OPENAI)
+def test_reported_usage_is_read_back_per_api() -> None:
+    openai = CHAT_API.usage_from_envoy({"prompt_tokens": 10.0, "completion_tokens": 5.0, "cached_tokens": 4.0})
     assert openai is not None and (openai.prompt_tokens, openai.completion_tokens, openai.cached_tokens) == (10, 5, 4)
     # Anthropic: cache reads and writes are on top of input_tokens (as when the processor parses).
-    anthropic = usage_from_envoy({"input_tokens": 3.0, "output_tokens": 8.0, "cache_read_input_tokens": 20.0,
-                                  "cache_creation_input_tokens": 2.0}, Schema.ANTHROPIC)
+    anthropic = ANTHROPIC.usage_from_envoy({"input_tokens": 3.0, "output_tokens": 8.0, "cache_read_input_tokens": 20.0,
+                                            "cache_creation_input_tokens": 2.0})
     assert anthropic is not None and (anthropic.prompt_tokens, anthropic.completion_tokens) == (25, 8)
     assert anthropic.cached_tokens == 20
-    responses = usage_from_envoy({"input_tokens": 6.0, "output_tokens": 2.0, "output_reasoning_tokens": 1.0},
-                                 Schema.OPENAI)
+    responses = RESPONSES.usage_from_envoy({"input_tokens": 6.0, "output_tokens": 2.0, "output_reasoning_tokens": 1.0})
     assert responses is not None and (responses.prompt_tokens, responses.reasoning_tokens) == (6, 1)
-    embeddings = usage_from_envoy({"prompt_tokens": 7.0, "total_tokens": 7.0}, Schema.OPENAI)
+    embeddings = EMBEDDINGS.usage_from_envoy({"prompt_tokens": 7.0, "total_tokens": 7.0})
     assert embeddings is not None and embeddings.completion_tokens == 0
     # Half a report (a stream cut after message_start) is no report.
-    assert usage_from_envoy({"input_tokens": 3.0}, Schema.ANTHROPIC) is None
-    assert usage_from_envoy({"response_model": "x"}, Schema.OPENAI) is None
-    assert usage_from_envoy({"prompt_tokens": -1.0, "completion_tokens": 2.0}, Schema.OPENAI) is None
+    assert ANTHROPIC.usage_from_envoy({"input_tokens": 3.0}) is None
+    assert CHAT_API.usage_from_envoy({"response_model": "x"}) is None
+    assert CHAT_API.usage_from_envoy({"prompt_tokens": -1.0, "completion_tokens": 2.0}) is None
 
 
 async def test_a_request_is_in_flight_from_admission_until_its_access_log_entry() -> None:
@@ -318,13 +318,13 @@ async def test_a_lone_processor_settles_what_is_still_open_at_the_end_of_its_gra
 async def test_one_of_several_replicas_does_not_wait_for_entries_that_may_go_elsewhere() -> None:
     import time
 
-    from extproc.service.server import ExternalProcessor, _drain
+    from extproc.service.server import HEALTH_NOTICE_S, ExternalProcessor, _drain
 
     ctx, limiter, sink = _context()
     await StreamProcessor(ctx).handle(body_only(CHAT))
     started = time.monotonic()
     await _drain(_StoppedServer(), ExternalProcessor(ctx), 5.0, replicas=2)  # type: ignore[arg-type]
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 1.0 + HEALTH_NOTICE_S  # its health notice, not its grace
     assert limiter.settled == [] and sink.records == []  # another replica's access log settles it
 
 

@@ -16,7 +16,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 from hypothesis import given
 from hypothesis import strategies as st
 
-from extproc.metering.usage import Schema
+from extproc.apis import api_by_id, api_for_path
 from extproc.protos import facts as F
 from extproc.protos.tokenmeter.v1 import admission_pb2 as pb
 from extproc.service.metadata import STRIP_USAGE_KEY
@@ -174,14 +174,22 @@ def test_decision_labels() -> None:
         Decision(F.decision_label(pb.Decision.Value(name)))
 
 
-def test_api_and_schema_for_path() -> None:
-    assert F.api_for_path("/v1/chat/completions?x=1") == pb.API_OPENAI_CHAT
-    assert F.api_for_path("/V1//%63hat/completions/") == pb.API_OPENAI_CHAT
-    assert F.api_for_path("/v1/messages") == pb.API_ANTHROPIC_MESSAGES
-    assert F.api_for_path("/v1/models") == pb.API_UNSPECIFIED
-    assert F.schema_for_api(pb.API_ANTHROPIC_MESSAGES) is Schema.ANTHROPIC
-    assert F.schema_for_api(pb.API_OPENAI_EMBEDDINGS) is Schema.OPENAI
-    assert F.schema_for_api(pb.API_UNSPECIFIED) is None
+def test_the_api_of_a_path_is_its_admission_facts_value() -> None:
+    """AdmissionFacts.api is the `ApiSchema.api` of the request's path (extproc.apis)."""
+    expected = {
+        "/v1/chat/completions?x=1": pb.API_OPENAI_CHAT,
+        "/V1//%63hat/completions/": pb.API_OPENAI_CHAT,
+        "/v1/completions": pb.API_OPENAI_COMPLETIONS,
+        "/v1/embeddings": pb.API_OPENAI_EMBEDDINGS,
+        "/v1/responses": pb.API_OPENAI_RESPONSES,
+        "/v1/messages": pb.API_ANTHROPIC_MESSAGES,
+    }
+    for path, value in expected.items():
+        api = api_for_path(path)
+        assert api is not None and api.api == value, path
+        assert api_by_id(value) is api
+    assert api_for_path("/v1/models") is None
+    assert api_by_id(pb.API_UNSPECIFIED) is None
 
 
 def test_messages_live_in_their_python_package() -> None:

@@ -10,15 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.apis import ALL_APIS, ApiSchema, BadRequest, RequestInfo, api_for_path
+from extproc.apis.anthropic_messages import API as ANTHROPIC
+from extproc.apis.openai_chat import API as CHAT
+from extproc.apis.openai_completions import API as COMPLETIONS
+from extproc.apis.openai_embeddings import API as EMBEDDINGS
+from extproc.apis.openai_responses import API as RESPONSES
 from extproc.metering.estimate import MESSAGE_OVERHEAD_TOKENS, estimate_prompt_tokens
-from extproc.metering.request import (
-    BadRequest,
-    RequestInfo,
-    Schema,
-    inject_stream_usage,
-    parse_request,
-    schema_for_path,
-)
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 SECRET = "my-secret-prompt-text"
@@ -32,26 +30,32 @@ def chat(**extra: Any) -> bytes:
     return body(model=MODEL, messages=[{"role": "user", "content": "x" * 40}], **extra)
 
 
-def bad(raw: bytes, schema: Schema = Schema.OPENAI) -> BadRequest:
+def bad(raw: bytes, api: ApiSchema = CHAT) -> BadRequest:
     with pytest.raises(BadRequest) as info:
-        parse_request(raw, schema)
+        api.parse_request(raw)
     return info.value
+
+
+def injected(api: ApiSchema, raw: bytes) -> bytes:
+    out = api.inject_stream_usage(raw)
+    assert out is not None
+    return out
 
 
 # -- paths -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("path", "schema"),
+    ("path", "api"),
     [
-        ("/v1/chat/completions", Schema.OPENAI),
-        ("/v1/completions", Schema.OPENAI),
-        ("/v1/embeddings", Schema.OPENAI),
-        ("/v1/responses", Schema.OPENAI),
-        ("/v1/messages", Schema.ANTHROPIC),
-        ("/v1/chat/completions?api-version=2024-10-21", Schema.OPENAI),
-        ("/v1/messages?beta=true", Schema.ANTHROPIC),
-        ("/v1/chat/completions/", Schema.OPENAI),
+        ("/v1/chat/completions", CHAT),
+        ("/v1/completions", COMPLETIONS),
+        ("/v1/embeddings", EMBEDDINGS),
+        ("/v1/responses", RESPONSES),
+        ("/v1/messages", ANTHROPIC),
+        ("/v1/chat/completions?api-version=2024-10-21", CHAT),
+        ("/v1/messages?beta=true", ANTHROPIC),
+        ("/v1/chat/completions/", CHAT),
         ("/v1/models", None),
         ("/v1/messages/count_tokens", None),
         ("/health", None),
@@ -60,17 +64,17 @@ def bad(raw: bytes, schema: Schema = Schema.OPENAI) -> BadRequest:
         ("/v1/chat/completionsX", None),
     ],
 )
-def test_schema_for_path(path: str, schema: Schema | None) -> None:
-    assert schema_for_path(path) is schema
+def test_api_for_path(path: str, api: ApiSchema | None) -> None:
+    assert api_for_path(path) is api
 
 
 # -- OpenAI ------------------------------------------------------------------------------------
 
 
 def test_chat_request_is_parsed() -> None:
-    info = parse_request(chat(max_tokens=256), Schema.OPENAI)
+    info = CHAT.parse_request(chat(max_tokens=256))
     assert info == RequestInfo(
-        schema=Schema.OPENAI,
+        api=CHAT,
         model=MODEL,
         stream=False,
         max_output_tokens=256,
@@ -81,29 +85,29 @@ def test_chat_request_is_parsed() -> None:
 
 def test_the_largest_output_bound_given_is_reserved() -> None:
     # Servers differ in which field wins; reserving the largest keeps the estimate an upper bound.
-    assert parse_request(chat(max_tokens=4096, max_completion_tokens=100), Schema.OPENAI).max_output_tokens == 4096
-    assert parse_request(chat(max_tokens=10, max_completion_tokens=100), Schema.OPENAI).max_output_tokens == 100
+    assert CHAT.parse_request(chat(max_tokens=4096, max_completion_tokens=100)).max_output_tokens == 4096
+    assert CHAT.parse_request(chat(max_tokens=10, max_completion_tokens=100)).max_output_tokens == 100
 
 
 def test_a_zero_bound_does_not_hide_the_other_field() -> None:
-    info = parse_request(chat(max_tokens=100_000, max_completion_tokens=0), Schema.OPENAI)
+    info = CHAT.parse_request(chat(max_tokens=100_000, max_completion_tokens=0))
     assert info.max_output_tokens == 100_000
 
 
 def test_missing_max_tokens_is_none() -> None:
-    assert parse_request(chat(), Schema.OPENAI).max_output_tokens is None
+    assert CHAT.parse_request(chat()).max_output_tokens is None
 
 
 def test_null_max_tokens_is_treated_as_absent() -> None:
     assert (
-        parse_request(chat(max_tokens=None, max_completion_tokens=None), Schema.OPENAI).max_output_tokens
+        CHAT.parse_request(chat(max_tokens=None, max_completion_tokens=None)).max_output_tokens
         is None
     )
 
 
 def test_responses_api_max_output_tokens_and_instructions() -> None:
     raw = body(model="gpt-4.1", input="x" * 40, instructions="y" * 40, max_output_tokens=500, stream=True)
-    info = parse_request(raw, Schema.OPENAI)
+    info = RESPONSES.parse_request(raw)
     assert info.max_output_tokens == 500
     assert info.prompt_tokens_estimate == 20 + MESSAGE_OVERHEAD_TOKENS
     assert info.stream and not info.wants_usage_injection  # Responses streams always report usage
@@ -118,49 +122,49 @@ def test_responses_api_input_items_are_estimated_like_messages() -> None:
             {"type": "function_call_output", "call_id": "c1", "output": "o" * 20},
         ],
     )
-    assert parse_request(raw, Schema.OPENAI).prompt_tokens_estimate == 20 + 3 * MESSAGE_OVERHEAD_TOKENS
+    assert RESPONSES.parse_request(raw).prompt_tokens_estimate == 20 + 3 * MESSAGE_OVERHEAD_TOKENS
 
 
 def test_completions_prompt_is_accepted_and_estimated() -> None:
-    info = parse_request(body(model=MODEL, prompt="x" * 40, max_tokens=16), Schema.OPENAI)
+    info = COMPLETIONS.parse_request(body(model=MODEL, prompt="x" * 40, max_tokens=16))
     assert (info.prompt_tokens_estimate, info.max_output_tokens) == (10, 16)
 
 
 def test_pre_tokenized_prompts_count_their_token_ids_exactly() -> None:
-    assert parse_request(body(model=MODEL, prompt=[1, 2, 3, 4, 5]), Schema.OPENAI).prompt_tokens_estimate == 5
+    assert COMPLETIONS.parse_request(body(model=MODEL, prompt=[1, 2, 3, 4, 5])).prompt_tokens_estimate == 5
     raw = body(model=MODEL, input=[[1, 2, 3], [4, 5]])
-    assert parse_request(raw, Schema.OPENAI).prompt_tokens_estimate == 5
+    assert EMBEDDINGS.parse_request(raw).prompt_tokens_estimate == 5
 
 
 def test_embeddings_input_list_is_accepted_and_estimated() -> None:
-    info = parse_request(body(model="BAAI/bge-m3", input=["x" * 40, "y" * 40]), Schema.OPENAI)
+    info = EMBEDDINGS.parse_request(body(model="BAAI/bge-m3", input=["x" * 40, "y" * 40]))
     assert info.prompt_tokens_estimate == 20
     assert not info.stream
 
 
 def test_stream_without_include_usage_wants_usage_injection() -> None:
-    assert parse_request(chat(stream=True), Schema.OPENAI).wants_usage_injection
+    assert CHAT.parse_request(chat(stream=True)).wants_usage_injection
     raw = chat(stream=True, stream_options={"include_usage": False})
-    assert parse_request(raw, Schema.OPENAI).wants_usage_injection
+    assert CHAT.parse_request(raw).wants_usage_injection
     raw = body(model=MODEL, prompt="hi", stream=True)
-    assert parse_request(raw, Schema.OPENAI).wants_usage_injection
+    assert COMPLETIONS.parse_request(raw).wants_usage_injection
 
 
 def test_stream_with_include_usage_needs_no_injection() -> None:
     raw = chat(stream=True, stream_options={"include_usage": True})
-    info = parse_request(raw, Schema.OPENAI)
+    info = CHAT.parse_request(raw)
     assert info.stream and not info.wants_usage_injection
 
 
 def test_non_streaming_request_needs_no_injection() -> None:
-    assert not parse_request(chat(stream=False), Schema.OPENAI).wants_usage_injection
-    assert not parse_request(chat(stream=None), Schema.OPENAI).stream
+    assert not CHAT.parse_request(chat(stream=False)).wants_usage_injection
+    assert not CHAT.parse_request(chat(stream=None)).stream
 
 
 def test_n_and_best_of_give_the_number_of_completions() -> None:
-    assert parse_request(chat(), Schema.OPENAI).n == 1
-    assert parse_request(chat(n=4), Schema.OPENAI).n == 4
-    assert parse_request(body(model=MODEL, prompt="p", n=2, best_of=5), Schema.OPENAI).n == 5
+    assert CHAT.parse_request(chat()).n == 1
+    assert CHAT.parse_request(chat(n=4)).n == 4
+    assert COMPLETIONS.parse_request(body(model=MODEL, prompt="p", n=2, best_of=5)).n == 5
 
 
 # -- Anthropic ---------------------------------------------------------------------------------
@@ -189,11 +193,11 @@ def test_anthropic_request_with_system_tools_and_parts() -> None:
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "r" * 40}]},
         ],
     )
-    info = parse_request(raw, Schema.ANTHROPIC)
+    info = ANTHROPIC.parse_request(raw)
     tool_bytes = len(orjson.dumps(tools)) + len(b'{"c":1}')
     expected = (120 + tool_bytes + 3) // 4 + 4 * MESSAGE_OVERHEAD_TOKENS  # images are not counted
     assert info == RequestInfo(
-        schema=Schema.ANTHROPIC,
+        api=ANTHROPIC,
         model="claude-sonnet-4-5",
         stream=True,
         max_output_tokens=1024,
@@ -203,12 +207,12 @@ def test_anthropic_request_with_system_tools_and_parts() -> None:
 
 
 def test_anthropic_requires_messages() -> None:
-    assert bad(body(model="claude", prompt="hi", max_tokens=5), Schema.ANTHROPIC).param == "messages"
+    assert bad(body(model="claude", prompt="hi", max_tokens=5), ANTHROPIC).param == "messages"
 
 
 def test_anthropic_system_must_be_text_or_blocks() -> None:
     raw = body(model="claude", system=5, messages=[{"role": "user", "content": "hi"}])
-    assert bad(raw, Schema.ANTHROPIC).param == "system"
+    assert bad(raw, ANTHROPIC).param == "system"
 
 
 # -- rejections --------------------------------------------------------------------------------
@@ -239,14 +243,14 @@ def test_model_must_be_a_non_empty_string(model: Any) -> None:
     fields: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}]}
     if model is not None:
         fields["model"] = model
-    for schema in Schema:
-        assert bad(orjson.dumps(fields), schema).param == "model"
+    for api in ALL_APIS:
+        assert bad(orjson.dumps(fields), api).param == "model"
 
 
 @pytest.mark.parametrize("messages", ["hello", {"role": "user"}, [], ["hello"], [None], 3])
 def test_messages_must_be_a_non_empty_list_of_objects(messages: Any) -> None:
-    for schema in Schema:
-        assert bad(body(model=MODEL, messages=messages), schema).param.startswith("messages")  # type: ignore[union-attr]
+    for api in ALL_APIS:
+        assert bad(body(model=MODEL, messages=messages), api).param.startswith("messages")  # type: ignore[union-attr]
 
 
 def test_openai_request_needs_messages_prompt_or_input() -> None:
@@ -261,17 +265,16 @@ def test_prompt_and_input_must_be_text_or_lists(key: str, value: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("schema", "key"),
+    ("api", "key"),
     [
-        (Schema.OPENAI, "max_tokens"),
-        (Schema.OPENAI, "max_completion_tokens"),
-        (Schema.OPENAI, "max_output_tokens"),
-        (Schema.ANTHROPIC, "max_tokens"),
+        *((api, key) for api in ALL_APIS if api is not ANTHROPIC
+          for key in ("max_tokens", "max_completion_tokens", "max_output_tokens")),
+        (ANTHROPIC, "max_tokens"),
     ],
 )
 @pytest.mark.parametrize("value", [-1, 1.5, 100.0, "100", True, [100]])
-def test_max_tokens_must_be_a_non_negative_integer(schema: Schema, key: str, value: Any) -> None:
-    error = bad(chat(**{key: value}), schema)
+def test_max_tokens_must_be_a_non_negative_integer(api: ApiSchema, key: str, value: Any) -> None:
+    error = bad(chat(**{key: value}), api)
     assert error.param == key
 
 
@@ -290,8 +293,8 @@ def test_huge_integer_max_tokens_is_rejected() -> None:
 
 @pytest.mark.parametrize("stream", ["true", 1, 0, [], {}])
 def test_stream_must_be_a_boolean(stream: Any) -> None:
-    for schema in Schema:
-        assert bad(chat(stream=stream), schema).param == "stream"
+    for api in ALL_APIS:
+        assert bad(chat(stream=stream), api).param == "stream"
 
 
 def test_stream_options_must_be_an_object_with_boolean_include_usage() -> None:
@@ -321,30 +324,30 @@ def test_inject_stream_usage_adds_the_option_and_keeps_the_rest_byte_for_byte() 
     raw = (
         b'{"model": "m", "stream": true, "temperature": 0.70, "messages": [{"role": "user", "content": "x"}]}'
     )
-    injected = inject_stream_usage(raw)
-    assert injected.endswith(raw[1:])
-    parsed = orjson.loads(injected)
+    new = injected(CHAT, raw)
+    assert new.endswith(raw[1:])
+    parsed = orjson.loads(new)
     assert parsed["stream_options"] == {"include_usage": True}
     assert parsed["temperature"] == 0.7
-    assert not parse_request(injected, Schema.OPENAI).wants_usage_injection
+    assert not CHAT.parse_request(new).wants_usage_injection
 
 
 def test_inject_stream_usage_merges_into_existing_stream_options() -> None:
     raw = chat(stream=True, stream_options={"include_usage": False, "continuous_usage_stats": True})
-    parsed = orjson.loads(inject_stream_usage(raw))
+    parsed = orjson.loads(injected(CHAT, raw))
     assert parsed["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
     assert parsed["messages"] == orjson.loads(raw)["messages"]
     assert list(parsed) == list(orjson.loads(raw))  # field order kept
 
 
 def test_inject_stream_usage_replaces_null_stream_options() -> None:
-    parsed = orjson.loads(inject_stream_usage(chat(stream=True, stream_options=None)))
+    parsed = orjson.loads(injected(CHAT, chat(stream=True, stream_options=None)))
     assert parsed["stream_options"] == {"include_usage": True}
 
 
 def test_inject_stream_usage_ignores_a_nested_stream_options_key() -> None:
     raw = chat(stream=True, metadata={"stream_options": "not mine"})
-    parsed = orjson.loads(inject_stream_usage(raw))
+    parsed = orjson.loads(injected(CHAT, raw))
     assert parsed["stream_options"] == {"include_usage": True}
     assert parsed["metadata"] == {"stream_options": "not mine"}
 
@@ -353,14 +356,14 @@ def test_inject_stream_usage_into_a_prompt_mentioning_stream_options() -> None:
     raw = body(
         model=MODEL, stream=True, messages=[{"role": "user", "content": 'set "stream_options" please'}]
     )
-    parsed = orjson.loads(inject_stream_usage(raw))
+    parsed = orjson.loads(injected(CHAT, raw))
     assert parsed["stream_options"] == {"include_usage": True}
     assert parsed["messages"][0]["content"] == 'set "stream_options" please'
 
 
 def test_inject_stream_usage_rejects_a_body_that_is_not_an_object() -> None:
     with pytest.raises(BadRequest):
-        inject_stream_usage(b"[1]")
+        CHAT.inject_stream_usage(b"[1]")
 
 
 # -- prompt estimate ---------------------------------------------------------------------------
@@ -448,21 +451,23 @@ _JSON = st.recursive(
 
 
 @settings(max_examples=300)
-@given(_JSON, st.sampled_from(list(Schema)))
-def test_parse_request_never_fails_with_anything_but_bad_request(value: Any, schema: Schema) -> None:
+@given(_JSON, st.sampled_from(ALL_APIS))
+def test_parse_request_never_fails_with_anything_but_bad_request(value: Any, api: ApiSchema) -> None:
     raw = json.dumps(value).encode()  # json: integers beyond 64 bits too
     try:
-        info = parse_request(raw, schema)
+        info = api.parse_request(raw)
     except BadRequest as error:
         assert error.message
         return
     assert info.prompt_tokens_estimate >= 0
+    assert info.api is api
     if info.wants_usage_injection:
-        assert not parse_request(inject_stream_usage(raw), schema).wants_usage_injection
+        assert not api.parse_request(injected(api, raw)).wants_usage_injection
 
 
 def test_path_spellings_a_server_would_route_alike_are_all_metered() -> None:
     for path in ("/v1//chat/completions", "/V1/chat/completions", "/v1/chat%2Fcompletions", "/v1/./chat/completions",
                  "/v1/chat/completions;x=1", "/v1/%63hat/completions", "/x/../v1/chat/completions/"):
-        assert schema_for_path(path) is Schema.OPENAI, path
-    assert schema_for_path("/v1/models") is None
+        assert api_for_path(path) is CHAT, path
+    assert api_for_path("/v1/models") is None
+

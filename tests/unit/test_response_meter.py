@@ -11,8 +11,14 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.apis import ApiSchema
+from extproc.apis.anthropic_messages import API as ANTHROPIC
+from extproc.apis.openai_chat import API as CHAT
+from extproc.apis.openai_completions import API as COMPLETIONS
+from extproc.apis.openai_embeddings import API as EMBEDDINGS
+from extproc.apis.openai_responses import API as RESPONSES
 from extproc.metering.estimate import estimate_tokens_from_text
-from extproc.metering.meter import DEFAULT_MAX_JSON_BYTES, PARSE_BYTES, ResponseMeter, Schema
+from extproc.metering.meter import DEFAULT_MAX_JSON_BYTES, PARSE_BYTES, ResponseMeter
 from extproc.metering.usage import Usage
 
 VLLM_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -139,10 +145,8 @@ def _spaced_json(payload: Any) -> bytes:
     return json.dumps(payload).encode()  # {"a": 1}, as in Anthropic's documentation
 
 
-def meter_of(
-    chunks: list[bytes], schema: Schema = Schema.OPENAI, *, streaming: bool = True, **kw: Any
-) -> ResponseMeter:
-    meter = ResponseMeter(schema, streaming, **kw)
+def meter_of(chunks: list[bytes], api: ApiSchema = CHAT, *, streaming: bool = True, **kw: Any) -> ResponseMeter:
+    meter = ResponseMeter(api, streaming, **kw)
     for chunk in chunks:
         meter.feed(chunk)
     return meter
@@ -239,8 +243,8 @@ def test_openai_completions_stream_counts_text_choices() -> None:
             }
         ),
     ]
-    assert meter_of(chunks).finish(0) == Usage(3, 4)
-    assert meter_of(chunks[:1]).finish(0) == Usage(0, 4, estimated=True)
+    assert meter_of(chunks, COMPLETIONS).finish(0) == Usage(3, 4)
+    assert meter_of(chunks[:1], COMPLETIONS).finish(0) == Usage(0, 4, estimated=True)
 
 
 def test_openai_stream_with_null_usage_on_every_chunk_uses_the_final_one() -> None:
@@ -339,25 +343,25 @@ def test_responses_api_stream_takes_usage_from_response_completed() -> None:
             {"type": "response.completed", "sequence_number": 20, "response": completed}, "response.completed"
         ),
     ]
-    meter = meter_of(chunks)
+    meter = meter_of(chunks, RESPONSES)
     assert meter.finish(0) == Usage(36, 9)
     assert meter.response_model == "gpt-4.1-2025-04-14"
     # cut before response.completed: estimated from the deltas only (not the .done full text)
-    assert meter_of(chunks[:-1]).finish(7) == Usage(7, len(TOKENS), estimated=True)
+    assert meter_of(chunks[:-1], RESPONSES).finish(7) == Usage(7, len(TOKENS), estimated=True)
 
 
 # -- Anthropic streams -------------------------------------------------------------------------
 
 
 def test_anthropic_stream_combines_message_start_input_with_message_delta_output() -> None:
-    meter = meter_of(anthropic_stream(output_tokens=[15], cache_read=100), Schema.ANTHROPIC)
+    meter = meter_of(anthropic_stream(output_tokens=[15], cache_read=100), ANTHROPIC)
     assert meter.saw_usage
     assert meter.finish(0) == Usage(prompt_tokens=125, completion_tokens=15, cached_tokens=100)
     assert meter.response_model == CLAUDE
 
 
 def test_anthropic_message_delta_output_tokens_are_cumulative_not_summed() -> None:
-    meter = meter_of(anthropic_stream(output_tokens=[5, 12, 15]), Schema.ANTHROPIC)
+    meter = meter_of(anthropic_stream(output_tokens=[5, 12, 15]), ANTHROPIC)
     assert meter.finish(0) == Usage(25, 15)
 
 
@@ -379,19 +383,19 @@ def test_anthropic_message_delta_with_full_cumulative_usage_overrides_message_st
             "message_delta",
         ),
     )
-    assert meter_of(chunks, Schema.ANTHROPIC).finish(0) == Usage(35, 15, cache_creation_tokens=5)
+    assert meter_of(chunks, ANTHROPIC).finish(0) == Usage(35, 15, cache_creation_tokens=5)
 
 
 def test_anthropic_stream_cut_after_message_start_keeps_reported_input_and_estimates_output() -> None:
     chunks = anthropic_stream(output_tokens=[15])[:-2]  # cut before message_delta
-    meter = meter_of(chunks, Schema.ANTHROPIC)
+    meter = meter_of(chunks, ANTHROPIC)
     assert not meter.saw_usage
     usage = meter.finish(prompt_estimate=999)
     assert usage == Usage(25, max(estimate_tokens_from_text(TEXT), len(TOKENS)), estimated=True)
 
 
 def test_anthropic_stream_cut_before_message_start_uses_the_prompt_estimate() -> None:
-    assert meter_of([b'event: ping\ndata: {"type": "ping"}\n\n'], Schema.ANTHROPIC).finish(50) == Usage(
+    assert meter_of([b'event: ping\ndata: {"type": "ping"}\n\n'], ANTHROPIC).finish(50) == Usage(
         50, 0, estimated=True
     )
 
@@ -415,7 +419,7 @@ def test_anthropic_stream_counts_thinking_and_tool_input_deltas_for_the_estimate
             "content_block_delta",
         ),
     ]
-    assert meter_of(chunks, Schema.ANTHROPIC).finish(0).completion_tokens == 10 + 6
+    assert meter_of(chunks, ANTHROPIC).finish(0).completion_tokens == 10 + 6
 
 
 def test_anthropic_error_event_mid_stream_falls_back_to_estimate() -> None:
@@ -423,13 +427,13 @@ def test_anthropic_error_event_mid_stream_falls_back_to_estimate() -> None:
     chunks.append(
         sse({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}, "error")
     )
-    usage = meter_of(chunks, Schema.ANTHROPIC).finish(0)
+    usage = meter_of(chunks, ANTHROPIC).finish(0)
     assert usage.estimated and usage.prompt_tokens == 25
 
 
 def test_anthropic_stream_split_into_single_bytes_gives_the_same_usage() -> None:
     chunks = anthropic_stream(output_tokens=[15], cache_read=7)
-    assert meter_of(byte_chunks(chunks), Schema.ANTHROPIC).finish(0) == Usage(32, 15, cached_tokens=7)
+    assert meter_of(byte_chunks(chunks), ANTHROPIC).finish(0) == Usage(32, 15, cached_tokens=7)
 
 
 # -- non-streaming -----------------------------------------------------------------------------
@@ -488,7 +492,7 @@ def test_non_streaming_anthropic_body() -> None:
             },
         }
     )
-    assert meter_of([body], Schema.ANTHROPIC, streaming=False).finish(0) == Usage(
+    assert meter_of([body], ANTHROPIC, streaming=False).finish(0) == Usage(
         60, 4, cached_tokens=30, cache_creation_tokens=20
     )
 
@@ -502,7 +506,7 @@ def test_non_streaming_body_without_usage_is_estimated_from_its_text() -> None:
 
 def test_non_streaming_anthropic_body_without_usage_is_estimated_from_its_content_blocks() -> None:
     body = orjson.dumps({"type": "message", "model": CLAUDE, "content": [{"type": "text", "text": "x" * 40}]})
-    assert meter_of([body], Schema.ANTHROPIC, streaming=False).finish(3) == Usage(3, 10, estimated=True)
+    assert meter_of([body], ANTHROPIC, streaming=False).finish(3) == Usage(3, 10, estimated=True)
 
 
 def test_malformed_json_body_is_estimated() -> None:
@@ -514,7 +518,7 @@ def test_malformed_json_body_is_estimated() -> None:
 
 
 def test_empty_body_is_estimated() -> None:
-    assert ResponseMeter(Schema.OPENAI, streaming=False).finish(4) == Usage(4, 0, estimated=True)
+    assert ResponseMeter(CHAT, streaming=False).finish(4) == Usage(4, 0, estimated=True)
 
 
 def test_oversized_json_body_is_estimated_without_buffering_it() -> None:
@@ -522,7 +526,7 @@ def test_oversized_json_body_is_estimated_without_buffering_it() -> None:
     body = b'{"id":"x","model":"m","data":' + junk + b"}"
     tracemalloc.start()
     try:
-        meter = ResponseMeter(Schema.OPENAI, streaming=False, max_json_bytes=1024 * 1024)
+        meter = ResponseMeter(CHAT, streaming=False, max_json_bytes=1024 * 1024)
         for i in range(0, len(body), 65536):
             meter.feed(body[i : i + 65536])
         usage = meter.finish(9)
@@ -546,7 +550,8 @@ def test_oversized_json_body_still_yields_the_usage_at_its_end() -> None:
     )
     assert len(body) > 64 * 1024
     meter = meter_of(
-        [body[i : i + 4096] for i in range(0, len(body), 4096)], streaming=False, max_json_bytes=32 * 1024
+        [body[i : i + 4096] for i in range(0, len(body), 4096)], EMBEDDINGS, streaming=False,
+        max_json_bytes=32 * 1024,
     )
     assert meter.saw_usage
     assert meter.finish(0) == Usage(640, 0)
@@ -558,7 +563,7 @@ def test_large_body_takes_usage_from_its_tail_and_model_from_its_head() -> None:
         {"model": "BAAI/bge-m3", "data": embeddings, "usage": {"prompt_tokens": 9, "total_tokens": 9}}
     )
     assert PARSE_BYTES < len(body) < DEFAULT_MAX_JSON_BYTES
-    meter = meter_of([body], streaming=False)
+    meter = meter_of([body], EMBEDDINGS, streaming=False)
     assert meter.finish(0) == Usage(9, 0)
     assert meter.response_model == "BAAI/bge-m3"
 
@@ -588,7 +593,7 @@ def test_oversized_anthropic_body_still_yields_the_usage_at_its_end() -> None:
             "usage": {"input_tokens": 7, "cache_read_input_tokens": 3, "output_tokens": 12_500},
         }
     )
-    meter = meter_of([body], Schema.ANTHROPIC, streaming=False, max_json_bytes=1024)
+    meter = meter_of([body], ANTHROPIC, streaming=False, max_json_bytes=1024)
     assert meter.finish(0) == Usage(10, 12_500, cached_tokens=3)
 
 
@@ -604,19 +609,19 @@ def test_finish_can_be_called_again_and_later_chunks_are_ignored() -> None:
 
 
 def test_negative_prompt_estimate_is_clamped_to_zero() -> None:
-    assert ResponseMeter(Schema.OPENAI, streaming=True).finish(-3) == Usage(0, 0, estimated=True)
+    assert ResponseMeter(CHAT, streaming=True).finish(-3) == Usage(0, 0, estimated=True)
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(min_value=0, max_value=4000), max_size=12))
 def test_any_chunking_of_a_stream_meters_the_same(cuts: list[int]) -> None:
-    for schema, chunks in (
-        (Schema.OPENAI, openai_stream(include_usage=True)),
-        (Schema.OPENAI, openai_stream(include_usage=False)),
-        (Schema.ANTHROPIC, anthropic_stream(output_tokens=[3, 15])),
+    for api, chunks in (
+        (CHAT, openai_stream(include_usage=True)),
+        (CHAT, openai_stream(include_usage=False)),
+        (ANTHROPIC, anthropic_stream(output_tokens=[3, 15])),
     ):
         stream = b"".join(chunks)
         points = sorted({min(c, len(stream)) for c in cuts})
         bounds = [0, *points, len(stream)]
         pieces = [stream[a:b] for a, b in itertools.pairwise(bounds)]
-        assert meter_of(pieces, schema).finish(1) == meter_of([stream], schema).finish(1)
+        assert meter_of(pieces, api).finish(1) == meter_of([stream], api).finish(1)

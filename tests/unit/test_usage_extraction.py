@@ -1,4 +1,4 @@
-"""Usage extraction from OpenAI-style and Anthropic-style bodies and stream events."""
+"""Usage extraction from each API's bodies and stream events (`ApiSchema.usage_from_json`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,16 @@ from typing import Any
 
 import pytest
 
+from extproc.apis import ALL_APIS
+from extproc.apis.anthropic_messages import API as ANTHROPIC
+from extproc.apis.openai_chat import API as CHAT
+from extproc.apis.openai_completions import API as COMPLETIONS
+from extproc.apis.openai_embeddings import API as EMBEDDINGS
+from extproc.apis.openai_responses import API as RESPONSES
 from extproc.metering.estimate import estimate_tokens_from_text
-from extproc.metering.usage import Usage, usage_from_anthropic, usage_from_openai
+from extproc.metering.usage import Usage
+
+OPENAI_APIS = [api for api in ALL_APIS if api is not ANTHROPIC]
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 
@@ -50,7 +58,7 @@ def test_openai_chat_completion_body_with_cached_and_reasoning_details() -> None
             "completion_tokens_details": {"reasoning_tokens": 256, "audio_tokens": 0},
         },
     }
-    assert usage_from_openai(body) == Usage(
+    assert CHAT.usage_from_json(body) == Usage(
         prompt_tokens=1200, completion_tokens=300, cached_tokens=1024, reasoning_tokens=256
     )
 
@@ -64,7 +72,7 @@ def test_openai_vllm_usage_with_null_details() -> None:
             "prompt_tokens_details": None,
         }
     }
-    assert usage_from_openai(body) == Usage(17, 10)
+    assert CHAT.usage_from_json(body) == Usage(17, 10)
 
 
 def test_openai_final_stream_chunk_with_empty_choices() -> None:
@@ -76,7 +84,8 @@ def test_openai_final_stream_chunk_with_empty_choices() -> None:
         "choices": [],
         "usage": {"prompt_tokens": 17, "total_tokens": 27, "completion_tokens": 10},
     }
-    assert usage_from_openai(chunk) == Usage(17, 10)
+    assert CHAT.usage_from_json(chunk) == Usage(17, 10)
+    assert CHAT.is_usage_event(chunk)
 
 
 def test_openai_chunk_with_null_usage_has_no_usage() -> None:
@@ -85,11 +94,12 @@ def test_openai_chunk_with_null_usage_has_no_usage() -> None:
         "choices": [{"index": 0, "delta": {"content": "Hi"}}],
         "usage": None,
     }
-    assert usage_from_openai(chunk) is None
+    assert CHAT.usage_from_json(chunk) is None
+    assert not CHAT.is_usage_event(chunk)
 
 
 def test_openai_chunk_without_usage_key_has_no_usage() -> None:
-    assert usage_from_openai({"object": "chat.completion.chunk", "choices": []}) is None
+    assert CHAT.usage_from_json({"object": "chat.completion.chunk", "choices": []}) is None
 
 
 def test_openai_legacy_completions_body() -> None:
@@ -98,7 +108,7 @@ def test_openai_legacy_completions_body() -> None:
         "choices": [{"index": 0, "text": " world", "finish_reason": "length"}],
         "usage": {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19},
     }
-    assert usage_from_openai(body) == Usage(3, 16)
+    assert COMPLETIONS.usage_from_json(body) == Usage(3, 16)
 
 
 def test_openai_embeddings_usage_has_no_completion_tokens() -> None:
@@ -108,7 +118,7 @@ def test_openai_embeddings_usage_has_no_completion_tokens() -> None:
         "model": "BAAI/bge-m3",
         "usage": {"prompt_tokens": 8, "total_tokens": 8},
     }
-    assert usage_from_openai(body) == Usage(8, 0)
+    assert EMBEDDINGS.usage_from_json(body) == Usage(8, 0)
 
 
 def test_openai_responses_api_body_usage() -> None:
@@ -126,7 +136,7 @@ def test_openai_responses_api_body_usage() -> None:
             "total_tokens": 380,
         },
     }
-    assert usage_from_openai(body) == Usage(328, 52, cached_tokens=128, reasoning_tokens=20)
+    assert RESPONSES.usage_from_json(body) == Usage(328, 52, cached_tokens=128, reasoning_tokens=20)
 
 
 @pytest.mark.parametrize("event_type", ["response.completed", "response.incomplete", "response.failed"])
@@ -141,12 +151,12 @@ def test_openai_responses_api_terminal_event_usage(event_type: str) -> None:
             "usage": {"input_tokens": 36, "output_tokens": 87, "total_tokens": 123},
         },
     }
-    assert usage_from_openai(event) == Usage(36, 87)
+    assert RESPONSES.usage_from_json(event) == Usage(36, 87)
 
 
 def test_openai_responses_api_created_event_with_null_usage_has_no_usage() -> None:
     event = {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "usage": None}}
-    assert usage_from_openai(event) is None
+    assert RESPONSES.usage_from_json(event) is None
 
 
 @pytest.mark.parametrize(
@@ -163,12 +173,14 @@ def test_openai_responses_api_created_event_with_null_usage_has_no_usage() -> No
     ],
 )
 def test_openai_malformed_usage_gives_none(usage: dict[str, Any]) -> None:
-    assert usage_from_openai({"usage": usage}) is None
+    for api in OPENAI_APIS:
+        assert api.usage_from_json({"usage": usage}) is None, api
 
 
 def test_openai_usage_that_is_not_an_object_gives_none() -> None:
-    assert usage_from_openai({"usage": [1, 2]}) is None
-    assert usage_from_openai({"usage": 12}) is None
+    for api in ALL_APIS:
+        assert api.usage_from_json({"usage": [1, 2]}) is None, api
+        assert api.usage_from_json({"usage": 12}) is None, api
 
 
 def test_openai_details_larger_than_their_totals_are_clamped() -> None:
@@ -178,7 +190,29 @@ def test_openai_details_larger_than_their_totals_are_clamped() -> None:
         "prompt_tokens_details": {"cached_tokens": 50},
         "completion_tokens_details": {"reasoning_tokens": 9},
     }
-    assert usage_from_openai({"usage": usage}) == Usage(10, 5, cached_tokens=10, reasoning_tokens=5)
+    assert CHAT.usage_from_json({"usage": usage}) == Usage(10, 5, cached_tokens=10, reasoning_tokens=5)
+    responses = {
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "input_tokens_details": {"cached_tokens": 50},
+        "output_tokens_details": {"reasoning_tokens": 9},
+    }
+    assert RESPONSES.usage_from_json({"usage": responses}) == Usage(10, 5, cached_tokens=10, reasoning_tokens=5)
+
+
+def test_each_openai_api_reads_its_own_usage_shape_only() -> None:
+    chat = {"usage": {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19}}
+    embeddings = {"usage": {"prompt_tokens": 8, "total_tokens": 8}}
+    responses_body = {"usage": {"input_tokens": 36, "output_tokens": 87}}
+    responses_event = {"type": "response.completed", "response": responses_body}
+    assert CHAT.usage_from_json(chat) == COMPLETIONS.usage_from_json(chat) == Usage(3, 16)
+    assert EMBEDDINGS.usage_from_json(embeddings) == Usage(8, 0)
+    assert RESPONSES.usage_from_json(responses_body) == RESPONSES.usage_from_json(responses_event) == Usage(36, 87)
+    # no API reads another's format (the request's path says which API answers)
+    assert RESPONSES.usage_from_json(chat) is None
+    for api in (CHAT, COMPLETIONS, EMBEDDINGS):
+        assert api.usage_from_json(responses_body) is None, api
+        assert api.usage_from_json(responses_event) is None, api
 
 
 # -- Anthropic ---------------------------------------------------------------------------------
@@ -201,18 +235,18 @@ def test_anthropic_message_body_counts_cache_tokens_in_the_prompt() -> None:
             "service_tier": "standard",
         },
     }
-    assert usage_from_anthropic(body) == Usage(
+    assert ANTHROPIC.usage_from_json(body) == Usage(
         prompt_tokens=1250, completion_tokens=12, cached_tokens=1000, cache_creation_tokens=200
     )
 
 
 def test_anthropic_message_without_cache_fields() -> None:
-    assert usage_from_anthropic({"usage": {"input_tokens": 25, "output_tokens": 15}}) == Usage(25, 15)
+    assert ANTHROPIC.usage_from_json({"usage": {"input_tokens": 25, "output_tokens": 15}}) == Usage(25, 15)
 
 
 def test_anthropic_null_cache_fields_count_zero() -> None:
     usage = {"input_tokens": 25, "output_tokens": 15, "cache_creation_input_tokens": None}
-    assert usage_from_anthropic({"usage": usage}) == Usage(25, 15)
+    assert ANTHROPIC.usage_from_json({"usage": usage}) == Usage(25, 15)
 
 
 def test_anthropic_message_start_event_usage() -> None:
@@ -229,12 +263,12 @@ def test_anthropic_message_start_event_usage() -> None:
             "usage": {"input_tokens": 25, "output_tokens": 1},
         },
     }
-    assert usage_from_anthropic(event) == Usage(25, 1)
+    assert ANTHROPIC.usage_from_json(event) == Usage(25, 1)
 
 
 def test_anthropic_message_delta_alone_is_not_a_complete_usage() -> None:
     event = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 15}}
-    assert usage_from_anthropic(event) is None
+    assert ANTHROPIC.usage_from_json(event) is None
 
 
 @pytest.mark.parametrize(
@@ -246,11 +280,11 @@ def test_anthropic_message_delta_alone_is_not_a_complete_usage() -> None:
     ],
 )
 def test_anthropic_malformed_usage_gives_none(usage: dict[str, Any]) -> None:
-    assert usage_from_anthropic({"usage": usage}) is None
+    assert ANTHROPIC.usage_from_json({"usage": usage}) is None
 
 
 def test_anthropic_body_without_usage_gives_none() -> None:
-    assert usage_from_anthropic({"type": "error", "error": {"type": "overloaded_error"}}) is None
+    assert ANTHROPIC.usage_from_json({"type": "error", "error": {"type": "overloaded_error"}}) is None
 
 
 # -- text estimate -----------------------------------------------------------------------------
