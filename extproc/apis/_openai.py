@@ -206,6 +206,8 @@ class OpenAIApi:
     api: Api
     path: str
     injects_usage = False  # the server reports a stream's usage only when asked
+    # every field parse_request reads a maximum from (MAX_KEYS), the one added when none is given first
+    output_keys: tuple[str, ...] = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path}>"

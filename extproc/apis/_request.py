@@ -80,3 +80,25 @@ def messages(obj: dict[str, Any], required: bool) -> list[Any] | None:
         if not isinstance(message, dict):
             raise BadRequest(f"messages[{i}] must be an object", f"messages[{i}]")
     return value
+
+
+def bound_output(body: bytes, keys: tuple[str, ...], asked: int | None, limit: int) -> bytes | None:
+    """``body`` allowing no more than ``limit`` output tokens, or None when it already does.
+
+    ``keys`` are the API's output-maximum fields, the first being the one to add to a request that
+    names none: it is spliced in after the opening brace (the rest of the body is byte-for-byte
+    unchanged). A request asking for more (``asked``) has every one of those fields it sets lowered
+    to ``limit`` (parsed and re-serialised: the rare case). For a body `parse_request` accepted.
+    """
+    if not keys or (asked is not None and asked <= limit):
+        return None
+    if asked is None:
+        stripped = body.lstrip()
+        rest = stripped[1:]
+        separator = b"" if rest.lstrip()[:1] == b"}" else b","
+        return b'{"' + keys[0].encode() + b'":' + str(limit).encode() + separator + rest
+    obj = load_object(body)
+    for key in keys:
+        if key in obj:
+            obj[key] = limit
+    return orjson.dumps(obj)

@@ -152,6 +152,7 @@ class AnthropicMessages:
 
     api = Api.API_ANTHROPIC_MESSAGES
     path = "/v1/messages"
+    output_keys = ("max_tokens",)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path}>"

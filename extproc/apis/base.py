@@ -127,6 +127,12 @@ class ApiSchema(Protocol):
         """Its request path, normalized (`normalize_path`)."""
         ...
 
+    @property
+    def output_keys(self) -> tuple[str, ...]:
+        """The request fields that bound its output, the first being the one the gateway adds to a
+        request that names none (empty: an API without output, e.g. embeddings)."""
+        ...
+
     def parse_request(self, body: bytes) -> RequestInfo:
         """Validate a request body, bound its output and estimate its prompt; one JSON parse.
         Raises `BadRequest` (naming the parameter) on bad input."""

@@ -18,6 +18,7 @@ __all__ = ["API", "OpenAIEmbeddings"]
 
 
 class OpenAIEmbeddings(_openai.OpenAIApi):
+    output_keys = ()  # no output tokens
     __slots__ = ()
 
     api = Api.API_OPENAI_EMBEDDINGS

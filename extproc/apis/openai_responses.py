@@ -92,6 +92,7 @@ class _ResponsesStreamUsage(_openai.OpenAIStreamUsage):
 
 
 class OpenAIResponses(_openai.OpenAIApi):
+    output_keys = ("max_output_tokens", "max_tokens", "max_completion_tokens")
     __slots__ = ()
 
     api = Api.API_OPENAI_RESPONSES

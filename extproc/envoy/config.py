@@ -50,6 +50,7 @@ from extproc.policy.model import Policy
 from extproc.service.metadata import (
     ATTRIBUTE_HEADERS,
     H_KEY_ID,
+    H_OUTPUT_LIMIT,
     H_POOL,
     H_PROJECT,
     H_REQUEST_ID,
@@ -57,6 +58,7 @@ from extproc.service.metadata import (
     H_TENANT,
     HEADER_PREFIX,
     NAMESPACE,
+    OUTPUT_LIMIT_KEY,
     SETTLE_LOG_NAME,
     STRIP_USAGE_KEY,
     USAGE_NAMESPACE,
@@ -221,6 +223,18 @@ def http_filters(deployment: Deployment) -> list[dict[str, Any]]:
                     "name": "gzip",
                     "typed_config": {"@type": f"{_T}.compression.gzip.compressor.v3.Gzip"},
                 },
+            },
+        },
+        {
+            # CONNECT would open a tunnel the body-buffering filters below wait on until the idle
+            # timeout: refused at once (403, as OpenAI-style JSON by the local reply mapper).
+            "name": "envoy.filters.http.rbac",
+            "typed_config": {
+                "@type": f"{_T}.filters.http.rbac.v3.RBAC",
+                "rules": {"action": "DENY", "policies": {"no_connect": {
+                    "permissions": [{"header": {"name": ":method", "string_match": {"exact": "CONNECT"}}}],
+                    "principals": [{"any": True}],
+                }}},
             },
         },
         {
@@ -389,6 +403,7 @@ def virtual_host(policy: Policy) -> dict[str, Any]:
              "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
             for header, key in [
                 (H_REQUEST_ID, "request_id"),
+                (H_OUTPUT_LIMIT, OUTPUT_LIMIT_KEY),
                 *[(h, "rl_" + h.removeprefix("x-ratelimit-").replace("-", "_")) for h in _RATELIMIT_HEADERS],
             ]
         ],

@@ -23,6 +23,7 @@ from extproc.policy.model import (
     ApiKey,
     Limits,
     Mode,
+    OverCap,
     Period,
     Policy,
     Pool,
@@ -52,7 +53,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CONSTRUCTOR = SafeConstructor()
 
-_TOP_KEYS = ("version", "mode", "request", "redis", "pools", "tenants", "keys")
+_TOP_KEYS = ("version", "mode", "request", "redis", "models", "pools", "tenants", "keys")
 _REQUIRED_TOP_KEYS = ("version", "tenants", "keys", "pools")
 _LIMIT_INT_KEYS = (
     "tokens_per_minute",
@@ -62,7 +63,7 @@ _LIMIT_INT_KEYS = (
     "quota_requests",
 )
 _LIMIT_KEYS = (*_LIMIT_INT_KEYS, "quota_period", "action")
-_REQUEST_KEYS = ("max_body_bytes", "default_max_tokens", "max_tokens_cap")
+_REQUEST_KEYS = ("max_body_bytes", "default_max_tokens", "max_tokens_cap", "over_cap")
 _POOL_KEYS = ("name", "tokens_per_minute", "endpoints", "reports_usage")
 _TENANT_KEYS = ("limits", "projects")
 _PROJECT_KEYS = ("limits", "teams")
@@ -310,7 +311,20 @@ def _policy(root: Node, source: str) -> Policy:
     pools = _pools(top.require("pools"))
     tenants = _tenants(top.require("tenants"))
     keys = _keys(top.require("keys"), tenants)
-    return Policy(version, mode, request, pools, tenants, keys, source=source)
+    return Policy(version, mode, request, pools, tenants, keys, source=source, models=_models(top.get("models")))
+
+
+def _models(node: Node | None) -> frozenset[str]:
+    """The models this gateway serves: the only values a model takes as a metric label."""
+    if node is None:
+        return frozenset()
+    if not isinstance(node, SequenceNode):
+        raise _Invalid(node, f"models must be a list of model names, got {_kind(node)}")
+    names = [_string(item, "models[]") for item in node.value]
+    for item, name in zip(node.value, names, strict=True):
+        if len(name) > 256:
+            raise _Invalid(item, f"model name is {len(name)} characters; at most 256")
+    return frozenset(names)
 
 
 def _request(node: Node | None) -> RequestRules:
@@ -322,6 +336,7 @@ def _request(node: Node | None) -> RequestRules:
         max_body_bytes=_optional_int(m, "max_body_bytes") or defaults.max_body_bytes,
         default_max_tokens=_optional_int(m, "default_max_tokens") or defaults.default_max_tokens,
         max_tokens_cap=_optional_int(m, "max_tokens_cap") or defaults.max_tokens_cap,
+        over_cap=_optional_enum(m, "over_cap", OverCap, defaults.over_cap),
     )
     if rules.default_max_tokens > rules.max_tokens_cap:
         raise _Invalid(

@@ -89,11 +89,19 @@ class Pool:
     reports_usage: bool = True
 
 
+class OverCap(StrEnum):
+    """What happens to a request whose output maximum is above `max_tokens_cap`."""
+
+    CLAMP = "clamp"  # forwarded with its maximum lowered to the cap
+    REFUSE = "refuse"  # 400, naming the parameter and the cap
+
+
 @dataclass(frozen=True)
 class RequestRules:
     max_body_bytes: int = 256 * 1024
     default_max_tokens: int = 1024  # output reservation when the request names none
     max_tokens_cap: int = 16384  # output reservation never exceeds this
+    over_cap: OverCap = OverCap.CLAMP  # a request asking for more output than the cap
 
 
 @dataclass(frozen=True)
@@ -105,6 +113,9 @@ class Policy:
     tenants: Mapping[str, Tenant]
     keys_by_sha256: Mapping[str, ApiKey]
     source: str = ""  # file it came from
+    # the models served: the only values a client-chosen model name takes as a metric label
+    # (any other is "other"); empty: every model is "other"
+    models: frozenset[str] = frozenset()
 
     def key_for_hash(self, digest: str) -> ApiKey | None:
         return self.keys_by_sha256.get(digest)

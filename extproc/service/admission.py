@@ -51,11 +51,18 @@ def pool_ceilings(policy: Policy) -> tuple[PoolCeiling, ...]:
     return tuple(PoolCeiling(p.name, p.tokens_per_minute) for p in policy.pools)
 
 
+def output_limit(max_output_tokens: int | None, policy: Policy) -> int:
+    """The most one choice of the response may generate: the request's own bound, else the policy
+    default, never above the policy cap. The forwarded request is bounded to it (the processor
+    edits the body), so what is reserved is what can be generated."""
+    rules = policy.request
+    output = rules.default_max_tokens if max_output_tokens is None else max_output_tokens
+    return min(output, rules.max_tokens_cap)
+
+
 def reservation_tokens(
     prompt_estimate: int, max_output_tokens: int | None, policy: Policy, choices: int = 1
 ) -> int:
-    """Prompt estimate plus the most the response may add: the request's own bound, else the
-    policy default, never above the policy cap, for each of the `n` choices asked for."""
-    rules = policy.request
-    output = rules.default_max_tokens if max_output_tokens is None else max_output_tokens
-    return prompt_estimate + min(output, rules.max_tokens_cap) * max(1, choices)
+    """Prompt estimate plus the most the response may add: `output_limit` for each of the `n`
+    choices asked for."""
+    return prompt_estimate + output_limit(max_output_tokens, policy) * max(1, choices)

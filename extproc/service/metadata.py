@@ -20,6 +20,11 @@ SETTLE_LOG_NAME = "tokenmeter.settle"
 # not ask, and the route that takes that usage event back out of the stream must serve it.
 STRIP_USAGE_KEY = "strip_usage"
 
+# Admission metadata key: the output maximum the forwarded request carries (the reserved one);
+# the route returns it to the client as H_OUTPUT_LIMIT.
+OUTPUT_LIMIT_KEY = "max_output_tokens"
+H_OUTPUT_LIMIT = "x-tokenmeter-max-output-tokens"
+
 # Envoy skips the request headers: it sends these CEL attributes with the body instead (its
 # request_attributes), each standing for a header. request.id is the id Envoy issues for the
 # request (never the client's: the listener regenerates x-request-id): how an access log entry

@@ -24,13 +24,14 @@ from typing import Protocol
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.apis import ApiSchema, BadRequest, RequestInfo, api_for_path
+from extproc.apis._request import bound_output
 from extproc.limiter.types import Decision as LimiterDecision
 from extproc.limiter.types import Limiter, PoolCeiling, Reservation
 from extproc.metering.usage import Usage
-from extproc.policy.model import Action, ApiKey, Mode, Policy
+from extproc.policy.model import Action, ApiKey, Mode, OverCap, Policy
 from extproc.records.record import RecordSink, UsageRecord
 from extproc.service import responses as R
-from extproc.service.admission import ScopePath, pool_ceilings, reservation_tokens, scope_path
+from extproc.service.admission import ScopePath, output_limit, pool_ceilings, reservation_tokens, scope_path
 from extproc.service.errors import error_body
 from extproc.service.identity import identify
 from extproc.service.inflight import Inflight
@@ -43,6 +44,7 @@ from extproc.service.metadata import (
     H_TEAM,
     H_TENANT,
     HEADER_PREFIX,
+    OUTPUT_LIMIT_KEY,
 )
 from extproc.service.meter_stream import MeterStream
 from extproc.service.ratelimit_headers import ratelimit_headers, ratelimit_metadata, retry_after
@@ -108,6 +110,7 @@ class Context:
         if policy is not self._derived_for:
             self._derived_for, self._scopes, self._pools = policy, {}, pool_ceilings(policy)
             self._counted = frozenset(p.name for p in policy.pools if not p.reports_usage)
+            self.telemetry.models = policy.models
 
     def scopes(self, key: ApiKey, policy: Policy) -> ScopePath:
         """The key's scope path under `policy` (admission.scope_path), computed once per policy."""
@@ -261,10 +264,11 @@ class StreamProcessor:
             return R.request_headers([], [])  # the body follows
         if api is not None:
             return self._bad_request(BadRequest("request body is required", None))
-        return await self._admit_unmetered(headers, key, with_body=body is not None)
+        carries_body = (body is not None and bool(body.body)) or (body is None and not end_of_stream)
+        return await self._admit_unmetered(headers, key, with_body=body is not None, carries_body=carries_body)
 
     async def _admit_unmetered(
-        self, headers: Mapping[str, str], key: ApiKey, *, with_body: bool
+        self, headers: Mapping[str, str], key: ApiKey, *, with_body: bool, carries_body: bool
     ) -> pb.ProcessingResponse:
         """Not a metered LLM call: count the request (no tokens), or refuse a method that could use
         the GPU unmetered."""
@@ -280,6 +284,12 @@ class StreamProcessor:
                 code="unsupported_endpoint",
                 decision=Decision.UNSUPPORTED,
             )
+        if carries_body:
+            # Deny by default: a body on a path that is not metered (a GET /v1/models with a body, an
+            # OPTIONS with one) is nothing a model server should get from this gateway.
+            return self._refuse(
+                400, f"{headers.get(':method', 'GET')} {s.record.path} must not carry a body.",
+                type_="invalid_request_error", code="unexpected_body", decision=Decision.BAD_REQUEST)
         decision = await self._reserve(0)
         refusal = self._refusal_for(decision)
         if refusal is not None:
@@ -345,23 +355,35 @@ class StreamProcessor:
         except BadRequest as exc:
             return self._bad_request(exc)
         s.info = info
-        s.record.model, s.record.stream = info.model, info.stream
-        tokens = reservation_tokens(info.prompt_tokens_estimate, info.max_output_tokens, s.policy, info.n)
+        s.record.model, s.record.stream = _bounded(info.model), info.stream
+        rules = s.policy.request
+        asked = info.max_output_tokens
+        if asked is not None and asked > rules.max_tokens_cap and api.output_keys and rules.over_cap is OverCap.REFUSE:
+            return self._bad_request(BadRequest(
+                f"The request asks for up to {asked} output tokens; this gateway allows at most "
+                f"{rules.max_tokens_cap}.", api.output_keys[0]))
+        # What the forwarded request may generate: exactly what is reserved for it.
+        limit = output_limit(asked, s.policy)
+        tokens = reservation_tokens(info.prompt_tokens_estimate, asked, s.policy, info.n)
         decision = await self._reserve(tokens)
         refusal = self._refusal_for(decision)
         if refusal is not None:
             return refusal
+        bounded = bound_output(body, api.output_keys, asked, limit)
         # Ask the server for stream usage on the client's behalf, unless its pool reports none anyway
         # (there the processor meters the response: extproc.service.meter_stream).
         inject = info.wants_usage_injection and decision.pool not in self.ctx.counted_pools(s.policy)
-        new_body = api.inject_stream_usage(body) if inject else None
+        injected = api.inject_stream_usage(bounded or body) if inject else None
+        new_body = injected or bounded
         s.record.decision = self._admitted_decision(decision)
         admitted = Admitted(s.record, api=api, prompt_estimate=info.prompt_tokens_estimate)
         # The route sets the attribution headers from this metadata (Envoy applies no header
         # mutation of a body reply without a headers phase) and picks the pool's cluster; it also
         # needs a header mutation (even empty) in the reply to re-route, which R.request_body sends.
-        metadata = admitted.to_metadata(self.ctx.seal, usage_injected=new_body is not None)
+        metadata = admitted.to_metadata(self.ctx.seal, usage_injected=injected is not None)
         metadata.update(self._admitted_metadata(decision))
+        if api.output_keys:
+            metadata[OUTPUT_LIMIT_KEY] = str(limit)  # the client sees it: x-tokenmeter-max-output-tokens
         s.phase = Phase.ADMITTED
         self.ctx.inflight.add(s.request_id, admitted)
         return R.request_body([], body=new_body, metadata=metadata, clear_route_cache=True)
@@ -488,6 +510,11 @@ class StreamProcessor:
 
 
 _UNMETERED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def _bounded(text: str, limit: int = 256) -> str:
+    """A client-chosen string bounded before it becomes a record field or travels in metadata."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _denial_text(decision: LimiterDecision) -> str:

@@ -25,6 +25,7 @@ from extproc.records.record import UsageRecord
 
 Tally = Counter[tuple[str | bool, ...]]
 
+OTHER = "other"
 _DECISION = ("tenant", "project", "key_id", "allowed", "degraded", "pool")
 _ALERT = ("tenant", "scope")
 _REFUSAL = ("tenant", "reason")
@@ -41,6 +42,7 @@ def _reporter(tally: Tally, names: tuple[str, ...]) -> Callable[[CallbackOptions
 class Telemetry:
     def __init__(self, meter: metrics.Meter | None = None) -> None:
         m = meter or metrics.get_meter("tokenmeter")
+        self.models: frozenset[str] = frozenset()  # the live policy's (Context keeps it current)
         self.decisions: Tally = Counter()
         self.alerts: Tally = Counter()
         self.refusals: Tally = Counter()
@@ -63,7 +65,10 @@ class Telemetry:
         self.refusals[(key.tenant if key else "", reason)] += 1
 
     def usage(self, rec: UsageRecord) -> None:
-        base = (rec.tenant or "", rec.project or "", rec.key_id or "", rec.model or "", rec.pool or "",
+        # A model name is the client's choice: as a label it is one of the policy's models or
+        # "other", so no client can grow the label set (tenant, project, key, pool come from the policy).
+        model = rec.model if rec.model in self.models else OTHER
+        base = (rec.tenant or "", rec.project or "", rec.key_id or "", model, rec.pool or "",
                 rec.usage_source == "estimated")
         self.tokens[(*base, "input")] += rec.prompt_tokens
         self.tokens[(*base, "output")] += rec.completion_tokens

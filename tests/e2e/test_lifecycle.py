@@ -132,14 +132,18 @@ def test_stream_cut_before_usage_stays_charged_at_the_estimate(each_config_stack
     assert rec["prompt_tokens"] + rec["completion_tokens"] == rec["reserved_tokens"]  # type: ignore[operator]
 
 
-def test_settlement_refunds_what_the_model_did_not_use(own_stack: Stack) -> None:
-    first = chat(own_stack.base_url, BASIC, max_tokens=None)  # reserves the default 64, the fake answers 16
+def test_settlement_replaces_the_reservation_with_what_was_used(own_stack: Stack) -> None:
+    failed = chat(own_stack.base_url, BASIC, max_tokens=50, extra_headers={"x-fake-status": "500"})
+    assert _wait_record(own_stack, failed.headers["x-tokenmeter-request-id"])["completion_tokens"] == 0
+    first = chat(own_stack.base_url, BASIC, max_tokens=None)  # reserves (and is bounded to) the default 64
+    assert first.headers["x-tokenmeter-max-output-tokens"] == "64"
     rec1 = _wait_record(own_stack, first.headers["x-tokenmeter-request-id"])
-    assert rec1["completion_tokens"] == 16 and rec1["reserved_tokens"] > rec1["prompt_tokens"] + 16  # type: ignore[operator]
+    assert rec1["completion_tokens"] == 64
     time.sleep(0.2)  # settlement is applied off the request path
     second = chat(own_stack.base_url, BASIC, max_tokens=None)
     rec2 = _wait_record(own_stack, second.headers["x-tokenmeter-request-id"])
     used_before = 1_000_000 - int(second.headers["x-ratelimit-remaining-tokens"]) - int(rec2["reserved_tokens"])  # type: ignore[call-overload]
+    # the failed request was refunded whole; the first is charged what it used, not its estimate
     assert used_before == rec1["prompt_tokens"] + rec1["completion_tokens"]  # type: ignore[operator]
 
 
@@ -170,6 +174,34 @@ def test_metrics_endpoint_exports_decisions_and_token_usage(tmp_path: Path) -> N
     assert usage and float(usage[0].rsplit(" ", 1)[1]) == 11.0
     assert 'reason="refused"' in text
     assert "e2e-basic-key" not in text
+    assert 'gen_ai_request_model="llama-test"' in text
+
+
+def test_client_chosen_model_names_never_grow_the_metrics(tmp_path: Path) -> None:
+    import json
+
+    from extproc.devstack.ports import free_port
+    from tests.e2e.client import request
+
+    port = free_port()
+    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "m", processor_extra=("--metrics-port", str(port)))
+    with Stack(opts) as s:
+        def sizes(n: int, start: int) -> int:
+            for i in range(start, start + n):
+                body = {"model": f"{i}-" + "m" * 20_000, "messages": [{"role": "user", "content": "hi"}],
+                        "max_tokens": 1}
+                reply = request(s.base_url, "POST", "/v1/chat/completions", json.dumps(body).encode(),
+                                {"authorization": f"Bearer {BASIC}", "content-type": "application/json"})
+                assert reply.status == 200
+            time.sleep(0.3)
+            return len(request(f"http://127.0.0.1:{port}", "GET", "/metrics").body.splitlines())
+
+        first, later = sizes(5, 0), sizes(60, 5)
+        text = request(f"http://127.0.0.1:{port}", "GET", "/metrics").body.decode()
+        recs = [json.loads(line) for line in s.usage_log.read_text().splitlines()]
+    assert later == first, "each new model name added series to /metrics"
+    assert 'gen_ai_request_model="other"' in text and "mmmm" not in text
+    assert all(len(r["model"]) <= 259 for r in recs if r.get("model"))  # bounded in the evidence too
 
 
 def test_several_processor_processes_share_limits_through_redis(tmp_path: Path) -> None:
@@ -224,3 +256,17 @@ def test_a_settle_secret_seals_admissions_and_they_still_settle(tmp_path: Path) 
             assert reply.status == 200
             rec = _wait_record(s, reply.headers["x-tokenmeter-request-id"])
             assert rec["completion_tokens"] == 7 and rec["usage_source"] == "reported"
+
+
+def test_a_policy_that_refuses_over_the_cap_answers_400_naming_the_cap(own_stack: Stack) -> None:
+    policy = Path(own_stack.opts.policy)
+    cap = "  max_tokens_cap: 2048\n"
+    policy.write_text(policy.read_text().replace(cap, cap + "  over_cap: refuse\n"))
+    deadline = time.monotonic() + 10
+    while (reply := chat(own_stack.base_url, BASIC, max_tokens=3000)).status == 200:
+        assert time.monotonic() < deadline, "policy edit not picked up"
+        time.sleep(0.2)
+    assert reply.status == 400
+    error = reply.json()["error"]
+    assert "2048" in error["message"] and error["param"] == "max_tokens"
+    assert chat(own_stack.base_url, BASIC, max_tokens=2048).status == 200

@@ -317,3 +317,49 @@ def test_usage_is_read_whatever_the_server_calls_its_json(stack: Stack) -> None:
         rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))  # noqa: B023
         assert rec is not None and rec["usage_source"] == "reported", content_type
         assert rec["completion_tokens"] == reply.json()["usage"]["completion_tokens"] == 9
+
+
+def test_generation_is_bounded_by_what_was_reserved(stack: Stack) -> None:
+    # over the policy's cap (2048): forwarded with the cap, which is what the server then generates
+    over = chat(stack.base_url, BASIC, max_tokens=3000)
+    assert over.status == 200 and over.headers["x-tokenmeter-max-output-tokens"] == "2048"
+    assert over.json()["usage"]["completion_tokens"] == 2048
+    rec = _wait_for(lambda: _record(stack, over.headers["x-tokenmeter-request-id"]))
+    assert rec is not None and rec["completion_tokens"] == 2048
+    assert rec["reserved_tokens"] >= 2048  # the reservation covers what the server may generate
+    # no maximum named: forwarded with the reserved default (64), not the server's own default
+    plain = chat(stack.base_url, BASIC, max_tokens=None, stream=True)
+    assert plain.headers["x-tokenmeter-max-output-tokens"] == "64"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in plain.sse_data() if c.get("choices"))
+    assert len(text.split()) == 64
+    # within the cap: unchanged
+    within = chat(stack.base_url, BASIC, max_tokens=7)
+    assert within.headers["x-tokenmeter-max-output-tokens"] == "7" and within.json()["usage"]["completion_tokens"] == 7
+    # Anthropic and the Responses API name it their own way
+    body = {"model": "claude-test", "max_tokens": 9000, "messages": [{"role": "user", "content": "hi"}]}
+    msg = request(stack.base_url, "POST", "/v1/messages", json.dumps(body).encode(),
+                  {"x-api-key": BASIC, "content-type": "application/json"})
+    assert msg.status == 200 and msg.json()["usage"]["output_tokens"] == 2048
+    resp = request(stack.base_url, "POST", "/v1/responses", json.dumps({"model": "m", "input": "hi"}).encode(),
+                   {"authorization": f"Bearer {BASIC}", "content-type": "application/json"})
+    assert resp.status == 200 and resp.json()["usage"]["output_tokens"] == 64
+
+
+def _raw(stack: Stack, data: bytes) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", stack.envoy_port), timeout=5) as conn:
+        conn.sendall(data)
+        return conn.recv(65536)
+
+
+def test_what_is_not_governed_is_denied_by_default(stack: Stack) -> None:
+    auth = f"authorization: Bearer {BASIC}\r\n".encode()
+    for method in (b"GET", b"OPTIONS"):  # a body where nothing is metered never reaches a model server
+        head = _raw(stack, method + b" /v1/models HTTP/1.1\r\nhost: x\r\n" + auth + b"content-length: 5\r\n\r\nhello")
+        assert head.startswith(b"HTTP/1.1 400"), head[:200]
+        assert b'"code":"unexpected_body"' in head
+    started = time.monotonic()
+    tunnel = _raw(stack, b"CONNECT example.com:443 HTTP/1.1\r\nhost: example.com:443\r\n" + auth + b"\r\n")
+    assert tunnel.startswith(b"HTTP/1.1 403") and time.monotonic() - started < 2.0, tunnel[:200]
+    assert b'"error"' in tunnel and b"application/json" in tunnel

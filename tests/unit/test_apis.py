@@ -553,3 +553,36 @@ def test_anthropic_cache_writes_are_read_from_json_sse_and_envoy() -> None:
     assert ANTHROPIC.usage_from_envoy(envoy_fields(USAGE_PATHS, [body])) == expected
     assert expected.total_tokens == 45  # cache writes are input tokens: in prompt_tokens, and the total
 
+
+
+# -- the output bound ----------------------------------------------------------------------------
+
+
+def test_bound_output_adds_the_reserved_maximum_where_none_is_named() -> None:
+    import orjson
+
+    from extproc.apis._request import bound_output
+
+    body = b'{"model":"m","messages":[{"role":"user","content":"hi"}]}'
+    for api in ALL_APIS:
+        edited = bound_output(body, api.output_keys, None, 64)
+        if not api.output_keys:
+            assert edited is None, api
+            continue
+        assert edited is not None and orjson.loads(edited)[api.output_keys[0]] == 64, api
+        assert api.parse_request(edited).max_output_tokens == 64, api
+
+
+def test_bound_output_lowers_every_maximum_over_the_limit_and_leaves_one_within_it() -> None:
+    import orjson
+
+    from extproc.apis._request import bound_output
+    from extproc.apis.openai_chat import API as CHAT
+
+    both = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":9000,"max_completion_tokens":500}'
+    edited = bound_output(both, CHAT.output_keys, 9000, 2048)
+    assert edited is not None
+    assert orjson.loads(edited)["max_tokens"] == orjson.loads(edited)["max_completion_tokens"] == 2048
+    assert CHAT.parse_request(edited).max_output_tokens == 2048
+    assert bound_output(both.replace(b"9000", b"100"), CHAT.output_keys, 500, 500) is None
+    assert orjson.loads(bound_output(b'{ }', CHAT.output_keys, None, 5) or b'') == {"max_tokens": 5}
