@@ -9,7 +9,8 @@ and divide the difference of the totals by the difference of the requests (bench
         --warmup 200 --repeat 1 --deadline-ms 5000 --requests 500     # then --requests 1500
 
 In one process on uvloop, with a real redis-server (or the in-memory limiter with --memory) and the
-real JSONL sink, it runs what the processor runs per request behind envoy/envoy-native.yaml:
+real JSONL sink, it runs what the processor runs per request behind the generated Envoy config
+(extproc.envoy.config):
 
   admission   parse the ProcessingRequest Envoy sends (the body, credentials as attributes),
               StreamProcessor.handle (identity, body parse, one EVALSHA, metadata), serialize
@@ -48,26 +49,32 @@ from extproc.limiter import limiter_from_url
 from extproc.policy import load_policy
 from extproc.records.sink import JsonlSink
 from extproc.service.access_log import settle_entry
-from extproc.service.metadata import NAMESPACE, USAGE_NAMESPACE
+from extproc.service.metadata import ATTRIBUTE_HEADERS, NAMESPACE, USAGE_NAMESPACE
 from extproc.service.processor import Context, FixedPolicy, StreamProcessor
 from extproc.service.server import tune_gc
+from extproc.settings import Settings
 
 ATTRS = "envoy.filters.http.ext_proc"
 
 
 def envoy_request(body: bytes, n: int) -> bytes:
-    """What envoy-native.yaml sends: the buffered body alone, path/method/credentials as attributes."""
+    """What the generated config has Envoy send: the buffered body alone, with its request_attributes
+    (ATTRIBUTE_HEADERS: path, method, credentials, content type, Envoy's request id). Envoy leaves
+    out an attribute that does not evaluate, as `request.headers['x-api-key']` of a request without
+    that header."""
+    headers = {
+        ":path": "/v1/chat/completions",
+        ":method": "POST",
+        "x-request-id": f"envoy-{n}",
+        "authorization": f"Bearer {BENCH_KEY}",
+        "content-type": "application/json",
+    }
     req = pb.ProcessingRequest(request_body=pb.HttpBody(body=body, end_of_stream=True))
-    req.attributes[ATTRS].update({
-        "request.path": "/v1/chat/completions",
-        "request.method": "POST",
-        "request.id": f"envoy-{n}",
-        "request.headers['authorization']": f"Bearer {BENCH_KEY}",
-        "request.headers['content-type']": "application/json",
-    })
+    req.attributes[ATTRS].update({attr: headers[h] for attr, h in ATTRIBUTE_HEADERS.items() if h in headers})
     req.protocol_config.request_body_mode = ProcessingMode.BUFFERED
     req.protocol_config.response_body_mode = ProcessingMode.NONE
-    return req.SerializeToString()
+    raw: bytes = req.SerializeToString()
+    return raw
 
 
 def access_log_entry(reply: pb.ProcessingResponse, envoy_id: str = "envoy-x") -> alog.HTTPAccessLogEntry:
@@ -123,8 +130,9 @@ async def one_round(ctx: Context, raw: bytes, n: int, concurrency: int) -> tuple
 
 async def run(redis_url: str | None, args: argparse.Namespace, usage_log: Path) -> None:
     policy = load_policy(BENCH_POLICY)
-    limiter = limiter_from_url(redis_url, deadline_ms=args.deadline_ms or policy.redis.deadline_ms,
-                               on_failure=str(policy.redis.on_failure))
+    # as `tokenmeter serve` by default (--redis-deadline-ms, --redis-failure-mode: extproc.settings)
+    limiter = limiter_from_url(redis_url, deadline_ms=args.deadline_ms or Settings.redis_deadline_ms,
+                               on_failure=str(Settings.redis_failure_mode))
     start = getattr(limiter, "start", None)
     if start is not None:
         await start()
@@ -158,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--default-gc", action="store_true",
                         help="keep Python's GC settings (default: tuned as `tokenmeter serve` does)")
     parser.add_argument("--deadline-ms", type=float, default=0,
-                        help="the limiter's deadline (default: the bench policy's); raise it under valgrind")
+                        help="the limiter's deadline (default: tokenmeter serve's); raise it under valgrind")
     args = parser.parse_args(argv)
     if not args.default_gc:
         tune_gc()

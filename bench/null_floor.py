@@ -4,17 +4,16 @@ differ only in how many messages each request exchanges with it.
     python -m bench.null_floor [--quick] [--out bench/out] [--wait-quiet SECONDS]
 
 One fake model server (bench/upstream.py), one null processor (bench/null_processor.py) and one
-Envoy per variant, each rendered from the shipped envoy/envoy.yaml exactly as setup (n) of
-bench/run.py (bench.stack.with_null_processor), then changed only in the ext_proc filter:
+Envoy per variant, each the config generated from bench/policy.yaml (extproc.envoy.config) as
+setup (n) of bench/run.py (bench.stack.with_null_processor), then changed only in the ext_proc
+filter:
 
-* ``alone``: no ext_proc filter (setup (a));
-* ``shipped``: as shipped (setup (n));
-* ``observe``: the shipped file's observability-mode variant (envoy/envoy-observe.yaml:
-  request headers + body on the blocking stream, response body on a second stream Envoy does not
-  wait for), when extproc.devstack.envoy_config provides it;
-* ``request only``: response_body_mode NONE (what is left when Envoy meters the response itself,
-  e.g. sse_to_metadata): request headers + buffered body;
-* ``headers only``: also request_body_mode NONE: one message per request.
+* ``alone``: no processor (no ext_proc filter, no settle access log: setup (a));
+* ``generated``: as generated (setup (n)): one message per request, the buffered body with the
+  path, method and credentials as attributes; Envoy meters the response;
+* ``+ headers + response``: request headers sent too, and the response headers and the streamed
+  response body (the exchange of the retired default config, whose processor metered the
+  response): what the one message per request saves at the floor.
 
 Per variant: 1-connection sequential latency, wrk saturation, and, over a fixed number of requests
 at 16 connections, CPU per request of the null processor and of Envoy and the ext_proc messages
@@ -38,36 +37,32 @@ import uvloop
 
 from bench import load, procstat, report
 from bench.load import BENCH_KEY, chat_body, http_request
+from bench.run import BENCH_POLICY
 from bench.stack import BENCH_POOL, raise_pool_breakers, with_null_processor, without_ext_proc
 from bench.wrk import ensure_wrk, run_wrk, write_script
 from extproc.devstack import commands, envoy_config
 from extproc.devstack.envoy_config import Endpoint
 from extproc.devstack.ports import free_port
 from extproc.devstack.stack import Stack, StackOptions
+from extproc.policy import load_policy
 
 HERE = Path(__file__).resolve().parent
+ADMISSION_FILTER = "envoy.filters.http.ext_proc"
 
 
 def _ext_proc_filters(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The admission ext_proc filter (not the response meter, which no bench pool turns on)."""
     hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    return [f["typed_config"] for f in hcm["http_filters"] if "ExternalProcessor" in f["typed_config"]["@type"]]
+    return [f["typed_config"] for f in hcm["http_filters"] if f["name"] == ADMISSION_FILTER]
 
 
-def variants(shipped: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {"alone": without_ext_proc(shipped), "shipped": copy.deepcopy(shipped)}
-    observe = getattr(envoy_config, "observe_variant", None)
-    if callable(observe):
-        out["observe"] = observe(shipped)
-    request_only = copy.deepcopy(shipped)
-    for f in _ext_proc_filters(request_only):
-        f["processing_mode"]["response_header_mode"] = "SKIP"
-        f["processing_mode"]["response_body_mode"] = "NONE"
-        f.pop("response_attributes", None)
-    out["request only"] = request_only
-    headers_only = copy.deepcopy(request_only)
-    for f in _ext_proc_filters(headers_only):
-        f["processing_mode"]["request_body_mode"] = "NONE"
-    out["headers only"] = headers_only
+def variants(generated: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {"alone": without_ext_proc(generated), "generated": copy.deepcopy(generated)}
+    metered = copy.deepcopy(generated)
+    for f in _ext_proc_filters(metered):
+        f["processing_mode"].update({
+            "request_header_mode": "SEND", "response_header_mode": "SEND", "response_body_mode": "STREAMED"})
+    out["+ headers + response"] = metered
     return out
 
 
@@ -109,16 +104,18 @@ def main(argv: list[str] | None = None) -> int:
         stack._wait_port(null_port, "null-processor")
         stack._wait_http(f"http://127.0.0.1:{upstream_port}/healthz", "model")
         upstream = Endpoint("127.0.0.1", upstream_port)
-        rendered = envoy_config.render(
+        rendered = envoy_config.render_local(
+            BENCH_POLICY,
             listen_port=free_port(),
             admin_port=free_port(),
-            clusters={"tokenmeter_processor": [Endpoint("127.0.0.1", null_port)], "h100_pool": [upstream]},
+            processor=[Endpoint("127.0.0.1", null_port)],
+            pools={p.name: [upstream] for p in load_policy(BENCH_POLICY).pools},
             access_log_path=str(stack.run_dir / "access.jsonl"),
         )
         raise_pool_breakers(rendered)
-        shipped = with_null_processor(rendered, [Endpoint("127.0.0.1", null_port)], upstream=upstream)
+        generated = with_null_processor(rendered, [Endpoint("127.0.0.1", null_port)], upstream=upstream)
         ports: dict[str, tuple[int, int, int]] = {}
-        for i, (name, config) in enumerate(variants(shipped).items()):
+        for i, (name, config) in enumerate(variants(generated).items()):
             port, admin = free_port(), free_port()
             config["admin"]["address"] = Endpoint("127.0.0.1", admin).to_address()
             listener = config["static_resources"]["listeners"][0]

@@ -3,10 +3,12 @@ processor (n) vs Envoy + processor (b, c streaming).
 
     python -m bench.run [--quick] [--out bench/out]
 
-Starts redis-server, two fake model servers (bench/upstream.py), the processor
-(`tokenmeter serve` with bench/policy.yaml), the null processor (bench/null_processor.py), Envoy
-with the shipped config, a second Envoy without the ext_proc filter and a third one with the
-shipped config pointed at the null processor (bench/stack.py), then measures, in order:
+Starts redis-server, one fake model server per pool of bench/policy.yaml (bench/upstream.py), the
+processor (`tokenmeter serve` with bench/policy.yaml), the null processor
+(bench/null_processor.py), Envoy with the one configuration generated from the policy
+(extproc.envoy.config, as `tokenmeter envoy-config` renders it), a second Envoy from the same
+config without the processor (no ext_proc filter, no settle access log) and a third one with the
+same config pointed at the null processor (bench/stack.py), then measures, in order:
 
 1. 1-connection sequential latency (a, n, b);
 2. saturation with wrk -t1 -c32 (fake server direct, a, n, b);
@@ -50,13 +52,15 @@ from bench.profile import Profiler, summarize
 from bench.stack import DIRECT_PREFIX, BenchStack
 from bench.wrk import WrkResult, ensure_wrk, run_wrk, write_script
 from extproc.devstack.binaries import find_envoy, find_redis_server
-from extproc.devstack.envoy_config import NATIVE_CONFIG, OBSERVE_CONFIG, SHIPPED_CONFIG
 from extproc.devstack.ports import free_port
 from extproc.devstack.stack import StackOptions
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = {"envoy": SHIPPED_CONFIG, "observe": OBSERVE_CONFIG, "native": NATIVE_CONFIG}
 BENCH_POLICY = HERE / "policy.yaml"
+# Envoy's configuration is generated from the policy (extproc.envoy.config): there is one. The
+# option is kept so that older command lines still parse.
+ENVOY_CONFIG = "generated"
+ENVOY_CONFIG_NOTE = "generated from bench/policy.yaml (extproc.envoy.config, as `tokenmeter envoy-config`)"
 T = TypeVar("T")
 
 
@@ -100,6 +104,13 @@ class Config:
 def processor_extra(processors: int) -> tuple[str, ...]:
     """The processor runs as deployed: with its Prometheus endpoint (one process: one port)."""
     return ("--metrics-port", str(free_port())) if processors <= 1 else ()
+
+
+def add_envoy_config_argument(parser: argparse.ArgumentParser) -> None:
+    """`--envoy-config generated`: the only one left (envoy/envoy-native.yaml and envoy-observe.yaml
+    were retired when the config became generated from the policy)."""
+    parser.add_argument("--envoy-config", choices=(ENVOY_CONFIG,), default=ENVOY_CONFIG,
+                        help="Envoy config for (a), (n), (b): the one generated from the policy (the only choice)")
 
 
 def log(msg: str) -> None:
@@ -653,13 +664,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="also sample the processor with py-spy")
     parser.add_argument("--processors", type=int, default=1, help="processor processes behind Envoy (default 1)")
     parser.add_argument("--uds", action="store_true", help="Envoy reaches the processor over a Unix socket")
-    parser.add_argument(
-        "--envoy-config",
-        choices=tuple(CONFIGS),
-        default="envoy",
-        help="shipped config for (b)/(n): envoy/envoy.yaml, envoy/envoy-observe.yaml (observability-mode meter) "
-        "or envoy/envoy-native.yaml (one message per request, Envoy meters the response)",
-    )
+    add_envoy_config_argument(parser)
     parser.add_argument(
         "--wait-quiet",
         type=float,
@@ -686,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": cfg.quick,
         "processors": max(1, args.processors),
         "processor_transport": "unix socket" if args.uds else "TCP loopback",
-        "envoy_config": f"envoy/{CONFIGS[args.envoy_config].name}",
+        "envoy_config": ENVOY_CONFIG_NOTE,
         "nproc": os.cpu_count(),
         "cpu_model": _cpu_model(),
         "envoy_version": _envoy_version(),
@@ -701,7 +706,6 @@ def main(argv: list[str] | None = None) -> int:
         run_dir=run_dir,
         processors=max(1, args.processors),
         processor_uds=args.uds,
-        envoy_config=CONFIGS[args.envoy_config],
         processor_extra=processor_extra(args.processors),
     )
     stack = BenchStack(opts, chunk_delay_ms=cfg.chunk_delay_ms)

@@ -1,8 +1,8 @@
 """Memory over many requests: the processor's RSS while a long run goes through Envoy.
 
-    python -m bench.soak [--requests 1000000] [--envoy-config native] [--out bench/out]
+    python -m bench.soak [--requests 1000000] [--out bench/out]
 
-One stack (as bench/run.py's (b): real Envoy from the chosen shipped config, the processor,
+One stack (as bench/run.py's (b): real Envoy with the config generated from the policy, the processor,
 redis-server, fake model servers, bench/policy.yaml: every request takes the full admission path
 and is admitted). wrk (16 connections) runs in 15 s segments until the request count is reached;
 after each segment the processor's RSS (all its threads) is sampled. The growth is the
@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bench import procstat
 from bench.load import BENCH_KEY, chat_body
-from bench.run import BENCH_POLICY, CONFIGS, raise_nofile
+from bench.run import BENCH_POLICY, ENVOY_CONFIG_NOTE, add_envoy_config_argument, raise_nofile
 from bench.wrk import ensure_wrk, run_wrk, write_script
 from extproc.devstack.stack import Stack, StackOptions
 
@@ -40,7 +42,7 @@ def slope(points: list[tuple[int, int]]) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1_000_000)
-    parser.add_argument("--envoy-config", choices=tuple(CONFIGS), default="native")
+    add_envoy_config_argument(parser)
     parser.add_argument("--segment-s", type=int, default=15)
     parser.add_argument("--out", default=str(HERE / "out"))
     args = parser.parse_args(argv)
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     wrk, note = ensure_wrk()
     if wrk is None:
         raise SystemExit(f"bench.soak needs wrk ({note})")
-    opts = StackOptions(policy=BENCH_POLICY, run_dir=out / "soak-run", envoy_config=CONFIGS[args.envoy_config])
+    opts = StackOptions(policy=BENCH_POLICY, run_dir=out / "soak-run")
     points: list[tuple[int, int]] = []
     started = time.monotonic()
     with Stack(opts) as stack:
@@ -68,13 +70,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{points[-1][1] / 2**20:.1f} MiB, errors {errors}", flush=True)
     warm = [p for p in points if p[0] >= args.requests * 0.1]
     per_req = slope(warm)
-    result = {
-        "command": "python -m bench.soak " + " ".join(argv if argv is not None else __import__("sys").argv[1:]),
-        "envoy_config": str(CONFIGS[args.envoy_config].name),
+    rss_mib = [(n, round(b / 2**20, 2)) for n, b in points]
+    result: dict[str, Any] = {
+        "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "envoy_config": ENVOY_CONFIG_NOTE,
         "requests": total,
         "errors": errors,
         "seconds": round(time.monotonic() - started, 1),
-        "rss_mib": [(n, round(b / 2**20, 2)) for n, b in points],
+        "rss_mib": rss_mib,
         "slope_bytes_per_request_after_warmup": round(per_req, 2),
     }
     (out / "soak.json").write_text(json.dumps(result, indent=1))
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "| requests | processor RSS MiB |",
         "|---|---|",
-        *[f"| {n:,} | {mib} |" for n, mib in result["rss_mib"]],
+        *[f"| {n:,} | {mib} |" for n, mib in rss_mib],
         "",
         f"Growth after the first 10 %: {per_req:.1f} bytes/request (least squares).",
     ]

@@ -1,29 +1,34 @@
 """The benchmark's process tree: one devstack `Stack` plus an Envoy without the processor and an
 Envoy with a do-nothing processor.
 
-The three Envoys run side by side in the same run, from the same shipped file (envoy/envoy.yaml):
+The three Envoys run side by side in the same run, all rendered from the one generated
+configuration (extproc.envoy.config, for bench/policy.yaml, as `tokenmeter envoy-config` and the
+e2e tests render it):
 
-* ``envoy`` (b, c): the shipped config rendered for loopback exactly as the demo and the e2e tests
-  run it (extproc.devstack.envoy_config.render).
-* ``envoy-alone`` (a): the same rendered config with the ext_proc filter removed from
-  ``http_filters`` and the routes replaced by one route to ``h100_pool`` (where the processor
-  sends all benchmark traffic), plus a ``/direct/`` prefix answered by Envoy itself
-  (direct_response), used only as a reference for the fake server's share of the CPU.
-  Everything else (listener, access log, HCM settings, clusters) is identical, so (a) and (b)
-  differ only by the processor.
-* ``envoy-null`` (n): the very same rendered config as (b), except that the processor cluster
-  points at bench/null_processor.py (a do-nothing grpc.aio ext_proc server: the floor of any Python
-  processor) and both pool clusters at the fake server (b) and (a) use. The null processor sets no
-  ``tokenmeter:pool`` metadata, so the shipped routes send everything to ``cheap_pool``; pointing
-  that cluster at the same fake server process makes (n) and (b) differ only in the processor.
-  With ``--processors N`` / ``--uds`` the null processors are as many and reached the same way.
+* ``envoy`` (b, c): the generated config for loopback, exactly as the demo and the e2e tests run
+  it (extproc.devstack.envoy_config.render_local).
+* ``envoy-alone`` (a): the same config with the processor removed: no ext_proc filters, no gRPC
+  settle access log, no processor cluster, and the routes replaced by one route to ``h100_pool``
+  (where the processor sends all benchmark traffic), plus a ``/direct/`` prefix answered by Envoy
+  itself (direct_response), used only as a reference for the fake server's share of the CPU.
+  Everything else (listener, the other filters as generated: compressor, header mutation, buffer,
+  Lua (which runs on no route here), json/sse_to_metadata; the file access log, HCM settings, pool
+  clusters) is identical, so (a) and (b) differ only by the processor and its settle log.
+* ``envoy-null`` (n): the very same config as (b), except that the processor cluster points at
+  bench/null_processor.py (a do-nothing grpc.aio ext_proc server: the floor of any Python
+  processor; it answers with a constant ``tokenmeter:pool`` = cheap, since the routes send a
+  request upstream only with the processor's pool) and every pool cluster at the fake server that
+  (b) and (a) use, so (n) and (b) differ only in the processor. The null processor also reads (and
+  drops) Envoy's gRPC settle access log. With ``--processors N`` / ``--uds`` the null processors are
+  as many and reached the same way.
 
-Deviations from the shipped file, applied to all three: the pool clusters' circuit breakers are raised
-from 10,000 to 100,000 so that the 10,000-open-streams test is not cut by them. All Envoys run
-with ``--concurrency 1``.
+Deviations from the generated config, applied to all three: the pool clusters' circuit breakers
+are raised from 10,000 to 100,000 so that the 10,000-open-streams test is not cut by them. All
+Envoys run with ``--concurrency 1``.
 
 The upstreams are the fake model server with send-time stamps on streamed events
-(bench/upstream.py), one per pool, with a chunk delay that `restart_upstreams` can change.
+(bench/upstream.py), one per pool of the policy, with a chunk delay that `restart_upstreams` can
+change.
 """
 
 from __future__ import annotations
@@ -34,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from extproc.devstack import commands, envoy_config
-from extproc.devstack.envoy_config import Endpoint
+from extproc.devstack.envoy_config import PROCESSOR_CLUSTER, Endpoint, pool_cluster
 from extproc.devstack.ports import free_port
 from extproc.devstack.redis_proc import start_redis_server
-from extproc.devstack.stack import POOLS, Proc, Stack
+from extproc.devstack.stack import Proc, Stack
 
 BENCH_POOL = "h100"
 # Envoy alone also answers requests under this prefix itself (direct_response), with a body like
@@ -71,14 +76,22 @@ def _is_ext_proc(http_filter: dict[str, Any]) -> bool:
     return kind.endswith("ext_proc.v3.ExternalProcessor")
 
 
-def without_ext_proc(config: dict[str, Any], cluster: str = f"{BENCH_POOL}_pool") -> dict[str, Any]:
-    """Envoy alone: the rendered config minus the ext_proc filter, all routes to one cluster."""
+def _uses_processor(access_log: dict[str, Any]) -> bool:
+    """The gRPC settle access log, whose messages go to the processor cluster."""
+    grpc = access_log.get("typed_config", {}).get("common_config", {}).get("grpc_service", {})
+    return bool(grpc.get("envoy_grpc", {}).get("cluster_name") == PROCESSOR_CLUSTER)
+
+
+def without_ext_proc(config: dict[str, Any], cluster: str = pool_cluster(BENCH_POOL)) -> dict[str, Any]:
+    """Envoy alone: the rendered config minus the processor (its ext_proc filters, its settle access
+    log and its cluster), all routes to one cluster."""
     out = copy.deepcopy(config)
     hcm = _hcm(out)
     before = len(hcm["http_filters"])
     hcm["http_filters"] = [f for f in hcm["http_filters"] if not _is_ext_proc(f)]
     if len(hcm["http_filters"]) == before:
-        raise ValueError("the shipped Envoy config has no ext_proc filter to remove")
+        raise ValueError("the generated Envoy config has no ext_proc filter to remove")
+    hcm["access_log"] = [log for log in hcm.get("access_log", []) if not _uses_processor(log)]
     for vhost in hcm["route_config"]["virtual_hosts"]:
         vhost["routes"] = [
             {
@@ -90,7 +103,7 @@ def without_ext_proc(config: dict[str, Any], cluster: str = f"{BENCH_POOL}_pool"
             {"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": "0s"}},
         ]
     out["static_resources"]["clusters"] = [
-        c for c in out["static_resources"]["clusters"] if c["name"] != "tokenmeter_processor"
+        c for c in out["static_resources"]["clusters"] if c["name"] != PROCESSOR_CLUSTER
     ]
     return out
 
@@ -99,13 +112,13 @@ def with_null_processor(
     config: dict[str, Any], processor: list[Endpoint], *, upstream: Endpoint
 ) -> dict[str, Any]:
     """Setup (n): the rendered config with only endpoints changed: the processor cluster to the null
-    processor(s), every pool cluster to `upstream` (the null processor writes no pool metadata, so
-    all requests take the default route to cheap_pool). Filters, routes, timeouts: untouched."""
+    processor(s), every pool cluster to `upstream` (the null processor routes every request to the
+    cheap pool). Filters, routes, access logs, timeouts: untouched."""
     out = copy.deepcopy(config)
     clusters = {c["name"]: c for c in out["static_resources"]["clusters"]}
-    if "tokenmeter_processor" not in clusters:
-        raise ValueError("the shipped Envoy config has no tokenmeter_processor cluster")
-    for name, endpoints in [("tokenmeter_processor", processor)] + [
+    if PROCESSOR_CLUSTER not in clusters:
+        raise ValueError(f"the generated Envoy config has no {PROCESSOR_CLUSTER} cluster")
+    for name, endpoints in [(PROCESSOR_CLUSTER, processor)] + [
         (n, [upstream]) for n in clusters if n.endswith("_pool")
     ]:
         clusters[name]["type"] = "STATIC"
@@ -133,7 +146,7 @@ class BenchStack(Stack):
     def start(self) -> None:
         if self.opts.use_redis:
             self.redis = start_redis_server()
-        for pool in POOLS:
+        for pool in self.pools:
             self.pool_ports[pool] = free_port()
             self._spawn_upstream(pool)
         self.start_processor()
@@ -155,8 +168,7 @@ class BenchStack(Stack):
             [_null_name(i) for i in range(n)],
             self.null_processor_ports,
             [self._null_socket(i) for i in range(n)],
-            lambda listen: ["python", "-m", "bench.null_processor", "--listen", listen,
-                            *(["--routed"] if self.opts.envoy_config == envoy_config.NATIVE_CONFIG else [])],
+            lambda listen: ["python", "-m", "bench.null_processor", "--listen", listen],
         )
 
     def null_processor_endpoints(self) -> list[Endpoint]:
@@ -169,7 +181,7 @@ class BenchStack(Stack):
     def restart_upstreams(self, chunk_delay_ms: float) -> None:
         """Restart the fake model servers on the same ports with another chunk delay."""
         self.chunk_delay_ms = chunk_delay_ms
-        for pool in POOLS:
+        for pool in self.pool_ports:
             old = self.proc(f"model-{pool}")
             old.stop()
             self.procs.remove(old)
@@ -177,22 +189,17 @@ class BenchStack(Stack):
         for pool, port in self.pool_ports.items():
             self._wait_http(f"http://127.0.0.1:{port}/healthz", f"model-{pool}")
 
-    def _render(self, source: Path) -> dict[str, Any]:
-        """`source` rendered for loopback as the e2e tests render it (pool breakers raised)."""
-        config = self.render_envoy_config(source, str(self.run_dir / "access.jsonl"))
+    def _render(self) -> dict[str, Any]:
+        """The generated config for loopback as the e2e tests render it (pool breakers raised)."""
+        config = self.render_envoy_config(str(self.run_dir / "access.jsonl"))
         raise_pool_breakers(config)
         return config
 
     def _start_envoys(self) -> None:
         self.envoy_port, self.admin_port = free_port(), free_port()
         self.alone_port, self.alone_admin_port = free_port(), free_port()
-        full = self._render(self.opts.envoy_config)
-        # Envoy alone is always the plain shipped config minus ext_proc (envoy-native.yaml's extra
-        # filters and processor access log belong to the processor's cost, not to Envoy alone's).
-        base = full
-        if self.opts.envoy_config != envoy_config.SHIPPED_CONFIG:
-            base = self._render(envoy_config.SHIPPED_CONFIG)
-        alone = without_ext_proc(base)
+        full = self._render()
+        alone = without_ext_proc(full)
         alone["admin"]["address"] = Endpoint("127.0.0.1", self.alone_admin_port).to_address()
         alone_listener = alone["static_resources"]["listeners"][0]
         alone_listener["address"] = Endpoint("127.0.0.1", self.alone_port).to_address()

@@ -1,6 +1,6 @@
 """Tail latency at a fixed rate, repeated: the open-loop phase of bench.run on its own.
 
-    .venv/bin/python -m bench.tail [--rate 1000] [--seconds 10] [--repeat 3] [--envoy-config native]
+    .venv/bin/python -m bench.tail [--rate 1000] [--seconds 10] [--repeat 3] [--targets anb]
 
 Starts the same stack as bench.run (Envoy alone, Envoy + null processor, Envoy + processor) and
 fires the same open-loop load at (a), (n) and (b) in turn, `--repeat` times, so that a change on
@@ -20,7 +20,7 @@ import uvloop
 
 from bench import load, report
 from bench.load import chat_body, http_request
-from bench.run import BENCH_POLICY, CONFIGS, Meter, log, processor_extra, raise_nofile
+from bench.run import BENCH_POLICY, Meter, add_envoy_config_argument, log, processor_extra, raise_nofile
 from bench.stack import BenchStack
 from extproc.devstack.stack import StackOptions
 
@@ -30,13 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--envoy-config", choices=tuple(CONFIGS), default="native")
+    add_envoy_config_argument(parser)
     parser.add_argument("--targets", default="anb", help="which setups, e.g. 'b' (default anb)")
     parser.add_argument("--out", default="/tmp/bench-tail")
     args = parser.parse_args(argv)
     raise_nofile()
-    opts = StackOptions(policy=BENCH_POLICY, run_dir=Path(args.out) / "run",
-                        envoy_config=CONFIGS[args.envoy_config], processor_extra=processor_extra(1))
+    opts = StackOptions(policy=BENCH_POLICY, run_dir=Path(args.out) / "run", processor_extra=processor_extra(1))
     stack = BenchStack(opts)
     body = chat_body(stream=False, max_tokens=16)
     p50: dict[str, list[float]] = {"a": [], "n": [], "b": []}
