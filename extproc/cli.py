@@ -65,6 +65,12 @@ def _demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.run_dir) if args.run_dir else DEMO_DIR)
 
 
+def _ledger_recover(args: argparse.Namespace) -> int:
+    from extproc.settlement.recover import run
+
+    return run(args)
+
+
 def _envoy_config(args: argparse.Namespace) -> int:
     from extproc.envoy.config import run
 
@@ -138,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("envoy-config", help="render the Envoy configuration (or Istio EnvoyFilter) for a policy")
     add_arguments(e)
     e.set_defaults(func=_envoy_config)
+
+    g = sub.add_parser("ledger", help="the usage ledger: recovery from Envoy's access log")
+    gsub = g.add_subparsers(dest="ledger_command", required=True)
+    gr = gsub.add_parser("recover", help="append a record for every request in Envoy's JSON access log "
+                         "that the ledger lacks (after a crash; idempotent)")
+    gr.add_argument("--envoy-log", action="append", required=True,
+                    help="Envoy's JSON access log file of the generated configuration (repeatable)")
+    gr.add_argument("--usage-log", required=True, help="the ledger (JSON Lines) to complete")
+    gr.add_argument("--policy", required=True, help="the policy file (version of unattributed records)")
+    gr.add_argument("--settle-secret-file", default=None, help="the processors' settle secret, if they use one")
+    gr.add_argument("--redis", default=None, help="also settle recovered requests in this Redis")
+    gr.set_defaults(func=_ledger_recover)
 
     r = sub.add_parser("report", help="summarize a usage log per tenant and key")
     r.add_argument("usage_log")

@@ -115,16 +115,21 @@ class Stack:
         for pool, port in self.pool_ports.items():
             self._wait_http(f"http://127.0.0.1:{port}/healthz", f"model-{pool}")
 
-    def start_processor(self) -> None:
-        """Start (or restart, on the same ports Envoy points at) the processor processes."""
+    def start_processor(self, only: int | None = None) -> None:
+        """Start (or restart, on the same ports Envoy points at) the processor processes: all of
+        them, or the one with index `only` (0: "processor", 1: "processor-2", ...)."""
         if not self.processor_ports:
             self.processor_ports = [free_port() for _ in range(self.opts.processors)]
         self.processor_port = self.processor_ports[0]
         extra = self.opts.processor_extra
         if self.opts.processors > 1:
             extra = (*extra, "--replicas-hint", str(self.opts.processors))
-        names = [_processor_name(i) for i in range(len(self.processor_ports))]
-        sockets = [self._processor_socket(i) for i in range(len(self.processor_ports))]
+        indexes = range(len(self.processor_ports)) if only is None else [only]
+        for i in indexes:  # a restart replaces the process of that name
+            self.procs = [p for p in self.procs if p.name != _processor_name(i) or p.alive()]
+        names = [_processor_name(i) for i in indexes]
+        sockets = [self._processor_socket(i) for i in indexes]
+        ports = [self.processor_ports[i] for i in indexes]
 
         def argv(listen: str) -> list[str]:
             return commands.processor_argv(
@@ -135,7 +140,7 @@ class Stack:
                 extra=extra,
             )
 
-        self.start_listeners(names, self.processor_ports, sockets, argv)
+        self.start_listeners(names, ports, sockets, argv)
 
     def processor_endpoints(self) -> list[Endpoint]:
         sockets = [self._processor_socket(i) for i in range(len(self.processor_ports))]

@@ -435,6 +435,16 @@ def _access_logs(deployment: Deployment) -> list[dict[str, Any]]:
             "request_id", "tenant", "project", "team", "key_id", "model", "pool", "decision", "policy_version")},
         **{k: f"%DYNAMIC_METADATA({USAGE_NAMESPACE}:{k})%" for k in (
             "prompt_tokens", "completion_tokens", "input_tokens", "output_tokens")},
+        # What `tokenmeter ledger recover` needs to end a request from this line exactly as the
+        # processor does from the gRPC entry: the sealed admission facts, Envoy's usage counts, and
+        # how the response ended. Envoy writes it whatever happens to the processor.
+        "envoy_request_id": "%REQ(X-REQUEST-ID)%",
+        "response_flags": "%RESPONSE_FLAGS%",
+        "bytes_sent": "%BYTES_SENT%",
+        "upstream_host": "%UPSTREAM_HOST%",
+        "ttfb_ms": "%RESPONSE_DURATION%",
+        "admission": f"%DYNAMIC_METADATA({NAMESPACE})%",
+        "usage": f"%DYNAMIC_METADATA({USAGE_NAMESPACE})%",
     }
     log_format = {"json_format": fields}
     readable: dict[str, Any]

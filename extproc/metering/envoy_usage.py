@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from extproc.apis.base import EnvoyValue
-
 __all__ = ["response_model"]
 
 
-def response_model(fields: Mapping[str, EnvoyValue]) -> str | None:
+def response_model(fields: Mapping[str, object]) -> str | None:
     """The model the server named in its response (every API's rules write it as
     ``response_model``)."""
     value = fields.get("response_model")

@@ -495,11 +495,13 @@ class StreamProcessor:
             s.record.decision = decision
             self.ctx.settlement.end(s.record, Ending.REFUSED, status=status)
         self.ctx.telemetry.refusal(s.key, decision)
-        metadata: Mapping[str, R.MetadataValue] = {
+        metadata: dict[str, R.MetadataValue] = {
             "request_id": s.request_id,
             "decision": str(decision),
             "policy_version": s.policy.version,
         }
+        if s.key is not None:  # who was refused: Envoy's access log keeps it (ledger recovery reads it)
+            metadata.update(tenant=s.key.tenant, project=s.key.project, key_id=s.key.key_id, team=s.key.team or "")
         return R.immediate(
             status,
             error_body(message, type_=type_, code=code, param=param),

@@ -20,7 +20,6 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from extproc.limiter import limiter_from_url
-from extproc.metering.usage import Usage
 from extproc.policy import PolicyStore
 from extproc.records.sink import JsonlSink
 from extproc.service.access_log import AccessLogReceiver
@@ -28,7 +27,6 @@ from extproc.service.processor import Context, StreamProcessor
 from extproc.service.seal import Seal
 from extproc.service.telemetry import Telemetry
 from extproc.settings import Settings
-from extproc.settlement.outcome import Ending
 
 log = logging.getLogger("tokenmeter.server")
 
@@ -80,10 +78,12 @@ async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s:
     serves: Envoy ends its access log stream as soon as the server stops (GOAWAY). A lone processor
     (`replicas == 1`) therefore keeps serving (and stays in Envoy's rotation: there is no other)
     until the requests it admitted have ended; what is still open at the end of the grace period is
-    settled at its reservation and recorded as incomplete. With several
-    replicas the entries may go to any of them, so it does not wait for its own; it serves on for
-    HEALTH_NOTICE_S while Envoy's health check moves new requests elsewhere. Then it stops taking
-    calls, lets open ext_proc streams finish, and ends the access log stream.
+    left to the processor that receives its access log entry (or to ledger recovery from Envoy's
+    file access log): recording it here at its reservation would record it a second time when its
+    real end arrives. With several replicas the entries may go to any of them, so it does not wait
+    for its own; it serves on for HEALTH_NOTICE_S while Envoy's health check moves new requests
+    elsewhere. Then it stops taking calls, lets open ext_proc streams finish, and ends the access
+    log stream.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace_s
@@ -101,14 +101,12 @@ async def _drain(server: grpc.aio.Server, processor: ExternalProcessor, grace_s:
     if not stopping.done():
         await server.stop(0)  # ends what is left: the access log stream
     await stopping
-    if replicas == 1:
-        left = ctx.inflight.take_all()
-        if left:
-            log.warning("drain: %d requests admitted here had not ended; settled at their reservation", len(left))
-        for admitted in left:
-            rec = admitted.record
-            ctx.settlement.end(rec, Ending.INCOMPLETE, charge=rec.reserved_tokens, usage=Usage(
-                admitted.prompt_estimate, max(0, rec.reserved_tokens - admitted.prompt_estimate), estimated=True))
+    left = len(ctx.inflight)
+    if replicas == 1 and left:
+        # Not settled at their reservation here: their access log entries reach whichever processor
+        # serves next (and Envoy's file access log has them whatever happens: tokenmeter ledger
+        # recover), which records them once, at what they used.
+        log.warning("drain: %d requests admitted here had not ended; their access log entries will end them", left)
 
 
 ServeOptions = Settings  # the process settings (extproc.settings)

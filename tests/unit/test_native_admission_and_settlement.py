@@ -199,7 +199,7 @@ def test_a_request_envoy_answered_itself_gets_an_unattributed_record() -> None:
     entry.request.path = "/v1/chat/completions?x=1"
     entry.request.request_id = "envoy-rid-1"
     entry.response.response_code.value = 400
-    assert not settle_entry(ctx, entry)
+    assert settle_entry(ctx, entry)  # recorded here
     (rec,) = sink.records
     assert (rec.request_id, rec.decision, rec.status, rec.path, rec.tenant) == (
         "envoy:envoy-rid-1", "refused_by_envoy", 400, "/v1/chat/completions", None)
@@ -301,18 +301,20 @@ class _StoppedServer:
         self.stops.append(grace)
 
 
-async def test_a_lone_processor_settles_what_is_still_open_at_the_end_of_its_grace() -> None:
+async def test_a_lone_processor_leaves_what_is_still_open_at_the_end_of_its_grace_to_its_real_end() -> None:
+    # Recording it at its reservation would record it twice once its access log entry reaches the
+    # next processor (or ledger recovery reads it from Envoy's file access log).
     from extproc.service.server import ExternalProcessor, _drain
 
     ctx, limiter, sink = _context()
-    await StreamProcessor(ctx).handle(body_only({**CHAT, "stream": True}))  # its access log entry never comes
-    reserved = limiter.reserved[0].tokens
+    admission = await StreamProcessor(ctx).handle(body_only({**CHAT, "stream": True}))
     server = _StoppedServer()
     await _drain(server, ExternalProcessor(ctx), 0.2, replicas=1)  # type: ignore[arg-type]
-    assert server.stops and len(ctx.inflight) == 0
-    assert limiter.settled[0][2] == reserved
-    assert [((r.decision, r.ending), r.usage_source) for r in sink.records] == [
-        (("admitted", "incomplete"), "estimated")]
+    assert server.stops and limiter.settled == [] and sink.records == []
+    restarted, limiter2, sink2 = _context()  # the next processor gets the entry, and ends it once
+    assert settle_entry(restarted, access_log_entry(admission, usage={"prompt_tokens": 3, "completion_tokens": 4}))
+    assert [(r.ending, r.completion_tokens) for r in sink2.records] == [("completed", 4)]
+    assert [s[2] for s in limiter2.settled] == [7]  # charged what it used, once
 
 
 async def test_one_of_several_replicas_does_not_wait_for_entries_that_may_go_elsewhere() -> None:
@@ -337,7 +339,7 @@ async def test_an_admission_whose_reply_envoy_never_applied_gives_the_reservatio
     entry.request.request_id = "envoy-lost"
     entry.response.response_code.value = 504
     entry.response.response_code_details = "ext_proc_error_gRPC_error_4"  # Envoy's ext_proc call failed
-    assert not settle_entry(ctx, entry)
+    assert settle_entry(ctx, entry)  # recorded here, as aborted
     assert [s[2] for s in limiter.settled] == [0]
     assert [(r.ending, r.status, r.tenant) for r in sink.records] == [("aborted", 504, "acme")]
     assert len(ctx.inflight) == 0 and len(ctx.by_envoy_id) == 0
@@ -389,7 +391,7 @@ async def test_with_a_settle_secret_an_entry_without_metadata_never_refunds() ->
     entry.request.request_id = "envoy-lost"
     entry.response.response_code.value = 504
     entry.response.response_code_details = "ext_proc_error_gRPC_error_4"
-    assert not settle_entry(ctx, entry)
+    assert settle_entry(ctx, entry)  # recorded here, as aborted
     assert [s[2] for s in limiter.settled] == [limiter.reserved[0].tokens]  # stays charged
     assert [(r.decision, r.ending) for r in sink.records] == [("admitted", "aborted")]
 
