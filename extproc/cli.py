@@ -49,6 +49,7 @@ def _serve(args: argparse.Namespace) -> int:
         replicas_hint=args.replicas_hint,
         metrics_port=args.metrics_port,
         settle_secret_file=args.settle_secret_file,
+        audit_log=args.audit_log,
     )
     uvloop.run(serve(opts))
     return 0
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--settle-secret-file", default=None,
                    help="a secret (>= 16 bytes, the same for every replica) that seals admission metadata; "
                    "access log entries and meter streams without a valid seal are not settled")
+    s.add_argument("--audit-log", default=None,
+                   help="append-only, hash-chained audit trail of policy loads and enforcement events "
+                   "(one file per replica; check it with `tokenmeter audit verify`)")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="run Envoy + processor + Redis + fake model pools and send traffic")
@@ -166,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     pc = psub.add_parser("check", help="validate a policy file")
     pc.add_argument("file")
     pc.set_defaults(func=_policy_check)
+
+    from extproc.audit.cli import add_subcommands as add_audit_subcommands
+
+    add_audit_subcommands(sub.add_parser("audit", help="the audit log: verify its hash chain, show its events"))
 
     h = sub.add_parser("hash-key", help="print the SHA-256 of an API key for the policy file")
     h.add_argument("key", nargs="?", help="the key (prompted for when omitted, to keep it out of history)")

@@ -32,3 +32,4 @@ class Settings:
     replicas_hint: int = 1
     metrics_port: int | None = None
     settle_secret_file: str | None = None
+    audit_log: str | None = None  # the hash-chained audit trail (extproc.audit); one file per replica

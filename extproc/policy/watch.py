@@ -1,4 +1,9 @@
-"""Hot reload: keep the current policy, poll its file, swap in good edits, keep the last good on bad ones."""
+"""Hot reload: keep the current policy, poll its file, swap in good edits, keep the last good on bad ones.
+
+With an audit sink (extproc.audit.AuditLog), every load that takes effect (the first one too) is
+recorded as a ``policy_loaded`` event (version, SHA-256 of the file's bytes, what changed) and every
+refused edit as ``policy_rejected`` (file, line, reason, the version kept).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +14,21 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
+from extproc.audit.events import AuditEvent, policy_loaded, policy_rejected
 from extproc.policy.loader import PolicyError, parse_policy, read_policy_text
 from extproc.policy.model import Policy
 
 logger = logging.getLogger("tokenmeter.policy")
 
 Listener = Callable[[Policy], None]
+
+
+class AuditSink(Protocol):
+    """Where audit events go (extproc.audit.AuditLog): must not block, may drop."""
+
+    def append(self, event_type: str, /, **fields: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -57,16 +70,23 @@ class PolicyStore:
     worker thread, but swaps the policy and calls listeners on the caller's thread.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, audit: AuditSink | None = None) -> None:
         self._path = Path(path)
         self._listeners: list[Listener] = []
+        self._audit = audit
         self.last_error: PolicyError | None = None
         self.reload_failures: int = 0
         # stat before reading: a write that lands after the read still changes the stamp
         self._stamp = _stat(self._path)
-        text = read_policy_text(self._path)
-        self._digest = _digest(text)
-        self._current = parse_policy(text, str(self._path))
+        digest: str | None = None
+        try:
+            text = read_policy_text(self._path)
+            self._digest = digest = _digest(text)
+            self._current = parse_policy(text, str(self._path))
+        except PolicyError as error:
+            self._record(policy_rejected, self._path, error, file_sha256=digest)
+            raise
+        self._record(policy_loaded, self._current, self._path, None, file_sha256=self._digest)
 
     @property
     def current(self) -> Policy:
@@ -103,7 +123,7 @@ class PolicyStore:
         try:
             text = read_policy_text(self._path)
         except PolicyError as error:
-            return _Failed(stamp, f"unreadable:{error.reason}", error)
+            return _Failed(stamp, f"{_UNREADABLE}{error.reason}", error)
         digest = _digest(text)
         if digest == self._digest:
             return _Unchanged(stamp)
@@ -120,18 +140,31 @@ class PolicyStore:
             return False
         self._digest = outcome.digest
         if isinstance(outcome, _Failed):
-            self._fail(outcome.error)
+            self._fail(outcome.error, outcome.digest)
             return False
-        self._current = outcome.policy
+        previous, self._current = self._current, outcome.policy
         self.last_error = None
         logger.info("policy reloaded from %s: version %s", self._path, outcome.policy.version)
+        self._record(policy_loaded, outcome.policy, self._path, previous, file_sha256=outcome.digest)
         self._notify(outcome.policy)
         return True
 
-    def _fail(self, error: PolicyError) -> None:
+    def _fail(self, error: PolicyError, digest: str) -> None:
         self.last_error = error
         self.reload_failures += 1
         logger.error("policy reload failed, keeping version %s: %s", self._current.version, error)
+        sha256 = None if digest.startswith(_UNREADABLE) else digest
+        self._record(policy_rejected, self._path, error, kept_version=self._current.version, file_sha256=sha256)
+
+    def _record(self, build: Callable[..., AuditEvent], *args: Any, **kwargs: Any) -> None:
+        """Hand an event to the audit sink; an audit failure never changes what the store does."""
+        if self._audit is None:
+            return
+        try:
+            event = build(*args, **kwargs)
+            self._audit.append(event.type, **event.fields)
+        except Exception:
+            logger.exception("cannot record a policy audit event for %s", self._path)
 
     def _notify(self, policy: Policy) -> None:
         for listener in list(self._listeners):
@@ -139,6 +172,9 @@ class PolicyStore:
                 listener(policy)
             except Exception:
                 logger.exception("policy listener %r failed", listener)
+
+
+_UNREADABLE = "unreadable:"  # the digest of a file that could not be read: the reason, not a hash
 
 
 def _digest(text: str) -> str:

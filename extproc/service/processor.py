@@ -25,6 +25,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from extproc.apis import ApiSchema, BadRequest, RequestInfo, api_for_path
 from extproc.apis._request import bound_output
+from extproc.audit import AuditLog, EnforcementKind, enforcement
 from extproc.limiter.types import Decision as LimiterDecision
 from extproc.limiter.types import Limiter, PoolCeiling, Reservation
 from extproc.metering.usage import Usage
@@ -82,8 +83,10 @@ class Context:
         sink: RecordSink,
         telemetry: Telemetry | None = None,
         seal: Seal | None = None,
+        audit: AuditLog | None = None,
     ) -> None:
         self.policies = policies
+        self.audit = audit  # enforcement events go to the audit trail (extproc.audit), off the request path
         self.seal = seal  # seals the admission facts that come back to be settled (extproc.service.seal)
         self.limiter = limiter
         self.sink = sink
@@ -408,7 +411,19 @@ class StreamProcessor:
         s.record.alerts = decision.alerts
         s.record.degraded = decision.degraded
         self.ctx.telemetry.decision(s.key, decision)
+        if decision.allowed and self.ctx.audit is not None:
+            for scope in decision.alerts:  # over an alert-only limit (or any limit, in shadow mode)
+                self._audit(EnforcementKind.ALERT, scope, None)
+            if decision.degraded:
+                self._audit(EnforcementKind.DEGRADED_ADMISSION, None, None)
         return decision
+
+    def _audit(self, kind: EnforcementKind, scope: str | None, limit_kind: str | None) -> None:
+        audit, s = self.ctx.audit, self.s
+        if audit is None or s.key is None:
+            return
+        audit.record(enforcement(kind, s.request_id, s.key.tenant, s.key.project, s.key.key_id, scope, limit_kind,
+                                 s.policy.version))
 
     def _admitted_decision(self, decision: LimiterDecision) -> Decision:
         if not decision.alerts:
@@ -426,6 +441,7 @@ class StreamProcessor:
             return None
         s = self.s
         if decision.denied_kind == "backend":
+            self._audit(EnforcementKind.REFUSED_BACKEND, None, "backend")
             return self._refuse(
                 503,
                 "Quota service unavailable; the policy fails closed. Retry shortly.",
@@ -437,6 +453,8 @@ class StreamProcessor:
         actions = s.scopes.actions if s.scopes else {}
         action = actions.get(decision.denied_scope or "", Action.THROTTLE)
         what = _denial_text(decision)
+        kind = EnforcementKind.BLOCK if action is Action.BLOCK else EnforcementKind.THROTTLE
+        self._audit(kind, decision.denied_scope, decision.denied_kind)
         if action is Action.BLOCK:
             return self._refuse(
                 403,

@@ -19,6 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc.audit import AuditLog
 from extproc.limiter import limiter_from_url
 from extproc.policy import PolicyStore
 from extproc.records.sink import JsonlSink
@@ -140,7 +141,10 @@ def tune_gc() -> None:
 
 
 async def serve(opts: ServeOptions) -> None:
-    store = PolicyStore(opts.policy)  # refuses to start on a malformed policy (PolicyError)
+    audit = AuditLog(opts.audit_log) if opts.audit_log else None
+    if audit is not None:
+        audit.start()  # before the policy store: its first load is the first event
+    store = PolicyStore(opts.policy, audit=audit)  # refuses to start on a malformed policy (PolicyError)
     policy = store.current
     limiter = limiter_from_url(
         opts.redis,
@@ -158,7 +162,7 @@ async def serve(opts: ServeOptions) -> None:
     sink = JsonlSink(opts.usage_log)
     sink.start()
     seal = Seal.from_file(opts.settle_secret_file) if opts.settle_secret_file else None
-    ctx = Context(store, limiter, sink, _telemetry(opts.metrics_port), seal=seal)
+    ctx = Context(store, limiter, sink, _telemetry(opts.metrics_port), seal=seal, audit=audit)
 
     server = grpc.aio.server(
         options=[
@@ -204,4 +208,6 @@ async def serve(opts: ServeOptions) -> None:
     await limiter.flush()
     await limiter.aclose()
     await sink.aclose()
+    if audit is not None:
+        await audit.aclose()
     log.info("stopped")

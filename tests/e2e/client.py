@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 
@@ -72,3 +75,37 @@ def chat(
 
 def fake_stats(port: int) -> Any:
     return request(f"http://127.0.0.1:{port}", "GET", "/fake/stats").json()
+
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 5.0) -> T:
+    """Poll `predicate` until it returns something truthy (or the timeout passes); return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def usage_records(path: Path) -> list[dict[str, Any]]:
+    """The usage records of a ledger file so far (a torn last line of a killed writer is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_bytes().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def wait_record(path: Path, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
+    """The usage record of `request_id`, once written (settlement is off the request path)."""
+    rec = wait_for(lambda: next((r for r in usage_records(path) if r["request_id"] == request_id), None), timeout)
+    if rec is None:
+        raise AssertionError(f"no usage record for {request_id} in {path}")
+    return rec

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from extproc.devstack.stack import Stack, StackOptions
-from tests.e2e.client import chat, fake_stats
+from tests.e2e.client import chat, fake_stats, usage_records, wait_record
 from tests.e2e.conftest import E2E_POLICY
 
 TIGHT = "e2e-tight-key"  # 1000 tokens per minute
 LIMIT = 1000
 
 
-def _records(stack: Stack) -> list[dict[str, object]]:
-    if not stack.usage_log.exists():
-        return []
-    return [json.loads(line) for line in stack.usage_log.read_text().splitlines() if line.strip()]
 
 
 def test_concurrent_burst_stays_within_the_limit_and_settles_to_reported_usage(tmp_path: Path) -> None:
@@ -31,7 +26,7 @@ def test_concurrent_burst_stays_within_the_limit_and_settles_to_reported_usage(t
 
         deadline = time.monotonic() + 5
         while True:
-            recs = {r["request_id"]: r for r in _records(s)}
+            recs = {r["request_id"]: r for r in usage_records(s.usage_log)}
             if admitted_ids <= recs.keys() or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
@@ -52,12 +47,6 @@ def test_concurrent_burst_stays_within_the_limit_and_settles_to_reported_usage(t
         time.sleep(0.3)  # settlements are applied off the request path
         probe = chat(s.base_url, TIGHT, max_tokens=1)
         assert probe.status == 200
-        deadline = time.monotonic() + 5
-        while True:
-            probe_rec = {r["request_id"]: r for r in _records(s)}.get(probe.headers["x-tokenmeter-request-id"])
-            if probe_rec or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert probe_rec is not None
+        probe_rec = wait_record(s.usage_log, probe.headers["x-tokenmeter-request-id"])
         remaining = int(probe.headers["x-ratelimit-remaining-tokens"])
         assert remaining == LIMIT - reported - int(probe_rec["reserved_tokens"])  # type: ignore[call-overload]

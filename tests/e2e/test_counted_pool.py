@@ -4,15 +4,13 @@ responses (the route turns the meter filter on) and counts what was generated, t
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from extproc.devstack.stack import Stack, StackOptions
-from tests.e2e.client import chat, request
+from tests.e2e.client import chat, request, wait_record
 from tests.e2e.conftest import E2E_POLICY
 
 BASIC = "e2e-basic-key"
@@ -29,16 +27,6 @@ def counted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
 
 
-def _record(stack: Stack, rid: str, timeout: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if stack.usage_log.exists():
-            for line in stack.usage_log.read_text().splitlines():
-                rec = json.loads(line)
-                if rec["request_id"] == rid:
-                    return rec  # type: ignore[no-any-return]
-        time.sleep(0.05)
-    raise AssertionError(f"no record for {rid}")
 
 
 def test_a_stream_without_usage_is_counted_from_its_text_not_charged_its_reservation(counted: Stack) -> None:
@@ -48,7 +36,7 @@ def test_a_stream_without_usage_is_counted_from_its_text_not_charged_its_reserva
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
     assert len(text.split()) == 40 and reply.body.rstrip().endswith(b"data: [DONE]")  # passed unchanged
     assert all(c.get("choices") for c in chunks), "no usage chunk: the gateway asked for none on this pool"
-    rec = _record(counted, reply.headers["x-tokenmeter-request-id"])
+    rec = wait_record(counted.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec["usage_source"] == "estimated"
     assert 20 <= rec["completion_tokens"] <= 80, rec  # counted from 40 words of text
     assert rec["prompt_tokens"] + rec["completion_tokens"] <= rec["reserved_tokens"]  # never above the maximum
@@ -57,13 +45,13 @@ def test_a_stream_without_usage_is_counted_from_its_text_not_charged_its_reserva
 def test_a_json_answer_without_usage_is_counted(counted: Stack) -> None:
     reply = chat(counted.base_url, BASIC, max_tokens=30, extra_headers=NO_USAGE)
     assert reply.status == 200 and "usage" not in reply.json()
-    rec = _record(counted, reply.headers["x-tokenmeter-request-id"])
+    rec = wait_record(counted.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec["usage_source"] == "estimated" and 15 <= rec["completion_tokens"] <= 60, rec
 
 
 def test_when_such_a_server_reports_usage_after_all_the_report_wins(counted: Stack) -> None:
     reply = chat(counted.base_url, BASIC, max_tokens=12, extra_headers={"x-fake-split": "1-50"})
-    rec = _record(counted, reply.headers["x-tokenmeter-request-id"])
+    rec = wait_record(counted.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec["usage_source"] == "reported"
     assert (rec["prompt_tokens"], rec["completion_tokens"]) == (reply.json()["usage"]["prompt_tokens"], 12)
 
@@ -74,7 +62,7 @@ def test_an_anthropic_stream_without_usage_is_counted(counted: Stack) -> None:
     reply = request(counted.base_url, "POST", "/v1/messages", json.dumps(body).encode(),
                     {"x-api-key": BASIC, "content-type": "application/json", **NO_USAGE})
     assert reply.status == 200
-    rec = _record(counted, reply.headers["x-tokenmeter-request-id"])
+    rec = wait_record(counted.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec["usage_source"] == "estimated" and 12 <= rec["completion_tokens"] <= 50, rec
 
 
@@ -98,6 +86,6 @@ def test_a_stream_whose_upstream_closes_without_a_clean_end_on_a_counted_pool(co
         reply = chat(counted.base_url, BASIC, stream=True, max_tokens=10,
                      extra_headers={**NO_USAGE, "x-fake-seed": str(seed), "x-fake-close-after-done": "1"})
         lost += not reply.body.rstrip().endswith(b"data: [DONE]")
-        rec = _record(counted, reply.headers["x-tokenmeter-request-id"])
+        rec = wait_record(counted.usage_log, reply.headers["x-tokenmeter-request-id"])
         assert rec["ending"] == "incomplete" and rec["completion_tokens"] > 0
     print(f"counted pool, upstream cut after its last event: {lost} of 8 streams lost their tail")

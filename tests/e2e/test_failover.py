@@ -4,6 +4,7 @@ opened) and the clients see no failures beyond what was in flight on it."""
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -75,3 +76,15 @@ def test_with_every_replica_gone_the_client_gets_an_openai_style_json_error(tmp_
         bad = request(s.base_url, "POST", "/v1/chat/completions", b"x" * (5 * 1024 * 1024),
                       {"authorization": f"Bearer {BASIC}", "content-type": "application/json"})
         assert bad.status == 413 and bad.json()["error"]["code"] == "request_too_large"
+
+
+def test_envoys_own_codec_errors_are_openai_style_json(tmp_path: Path) -> None:
+    import socket
+
+    with Stack(StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run")) as s:
+        with socket.create_connection(("127.0.0.1", s.envoy_port), timeout=5) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nbad header line\r\n\r\n")
+            raw = conn.recv(65536)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head, raw[:300]
+    assert json.loads(body)["error"]["type"] == "api_error"

@@ -5,7 +5,6 @@ request is missing and none appears twice."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from extproc.devstack.stack import Stack, StackOptions
-from tests.e2e.client import Reply, chat, request
+from tests.e2e.client import Reply, chat, request, usage_records
 from tests.e2e.conftest import E2E_POLICY
 
 BASIC = "e2e-basic-key"
@@ -33,15 +32,6 @@ def _served(stack: Stack) -> list[dict[str, Any]]:
     return out
 
 
-def _ledger(stack: Stack) -> list[dict[str, Any]]:
-    lines = stack.usage_log.read_bytes().splitlines() if stack.usage_log.exists() else []
-    out = []
-    for line in lines:
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass  # a torn last line of the killed writer
-    return out
 
 
 def _traffic(stack: Stack, sig: signal.Signals, victims: tuple[int, ...]) -> list[Reply]:
@@ -86,14 +76,14 @@ def test_every_request_has_exactly_one_record_after_a_replica_crashes_and_recove
     with Stack(opts) as stack:
         replies = _traffic(stack, sig, victims)
         served = _served(stack)
-        before = len(_ledger(stack))
+        before = len(usage_records(stack.usage_log))
         result = subprocess.run(
             [str(Path(sys.executable).parent / "tokenmeter"), "ledger", "recover", "--envoy-log", str(stack.access_log),
              "--usage-log", str(stack.usage_log), "--policy", str(E2E_POLICY)],
             capture_output=True, text=True, timeout=60,
         )
         assert result.returncode == 0, result.stderr
-        ledger = _ledger(stack)
+        ledger = usage_records(stack.usage_log)
         again = subprocess.run(
             [str(Path(sys.executable).parent / "tokenmeter"), "ledger", "recover", "--envoy-log", str(stack.access_log),
              "--usage-log", str(stack.usage_log), "--policy", str(E2E_POLICY)],

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc.devstack.stack import Stack, StackOptions
-from tests.e2e.client import Reply, chat
+from tests.e2e.client import Reply, chat, usage_records, wait_record
 from tests.e2e.conftest import E2E_POLICY
 
 BASIC = "e2e-basic-key"
@@ -35,20 +35,8 @@ def each_config_stack(tmp_path: Path) -> Iterator[Stack]:
         yield s
 
 
-def _records(stack: Stack) -> list[dict[str, object]]:
-    if not stack.usage_log.exists():
-        return []
-    return [json.loads(line) for line in stack.usage_log.read_text().splitlines() if line.strip()]
 
 
-def _wait_record(stack: Stack, request_id: str, timeout: float = 5.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for rec in _records(stack):
-            if rec["request_id"] == request_id:
-                return rec
-        time.sleep(0.05)
-    raise AssertionError(f"no usage record for {request_id}")
 
 
 def test_health_service_reports_serving(own_stack: Stack) -> None:
@@ -81,7 +69,7 @@ def test_sigterm_lets_an_open_stream_finish_and_flushes_its_record(each_config_s
     chunks = result[0].sse_data()
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
     assert len(text.split()) == 20 and result[0].body.rstrip().endswith(b"data: [DONE]")  # the whole stream
-    rec = _wait_record(each_config_stack, result[0].headers["x-tokenmeter-request-id"])
+    rec = wait_record(each_config_stack.usage_log, result[0].headers["x-tokenmeter-request-id"])
     assert rec["completion_tokens"] == 20 and rec["usage_source"] == "reported"
 
 
@@ -122,11 +110,11 @@ def test_stream_cut_before_usage_stays_charged_at_the_estimate(each_config_stack
         pass
     deadline = time.monotonic() + 5
     while True:
-        recs = [r for r in _records(own_stack) if r["ending"] == "incomplete"]
+        recs = [r for r in usage_records(own_stack.usage_log) if r["ending"] == "incomplete"]
         if recs or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    assert recs, _records(own_stack)
+    assert recs, usage_records(own_stack.usage_log)
     rec = recs[0]
     assert rec["usage_source"] == "estimated"
     assert rec["prompt_tokens"] + rec["completion_tokens"] == rec["reserved_tokens"]  # type: ignore[operator]
@@ -134,14 +122,14 @@ def test_stream_cut_before_usage_stays_charged_at_the_estimate(each_config_stack
 
 def test_settlement_replaces_the_reservation_with_what_was_used(own_stack: Stack) -> None:
     failed = chat(own_stack.base_url, BASIC, max_tokens=50, extra_headers={"x-fake-status": "500"})
-    assert _wait_record(own_stack, failed.headers["x-tokenmeter-request-id"])["completion_tokens"] == 0
+    assert wait_record(own_stack.usage_log, failed.headers["x-tokenmeter-request-id"])["completion_tokens"] == 0
     first = chat(own_stack.base_url, BASIC, max_tokens=None)  # reserves (and is bounded to) the default 64
     assert first.headers["x-tokenmeter-max-output-tokens"] == "64"
-    rec1 = _wait_record(own_stack, first.headers["x-tokenmeter-request-id"])
+    rec1 = wait_record(own_stack.usage_log, first.headers["x-tokenmeter-request-id"])
     assert rec1["completion_tokens"] == 64
     time.sleep(0.2)  # settlement is applied off the request path
     second = chat(own_stack.base_url, BASIC, max_tokens=None)
-    rec2 = _wait_record(own_stack, second.headers["x-tokenmeter-request-id"])
+    rec2 = wait_record(own_stack.usage_log, second.headers["x-tokenmeter-request-id"])
     used_before = 1_000_000 - int(second.headers["x-ratelimit-remaining-tokens"]) - int(rec2["reserved_tokens"])  # type: ignore[call-overload]
     # the failed request was refunded whole; the first is charged what it used, not its estimate
     assert used_before == rec1["prompt_tokens"] + rec1["completion_tokens"]  # type: ignore[operator]
@@ -152,7 +140,7 @@ def test_envoy_reaches_the_processor_over_a_unix_socket(tmp_path: Path) -> None:
         assert s.processor_socket.exists()
         reply = chat(s.base_url, BASIC, stream=True, max_tokens=7)
         assert reply.status == 200
-        rec = _wait_record(s, reply.headers["x-tokenmeter-request-id"])
+        rec = wait_record(s.usage_log, reply.headers["x-tokenmeter-request-id"])
         assert rec["completion_tokens"] == 7
         assert chat(s.base_url, "nope").status == 401
 
@@ -178,7 +166,6 @@ def test_metrics_endpoint_exports_decisions_and_token_usage(tmp_path: Path) -> N
 
 
 def test_client_chosen_model_names_never_grow_the_metrics(tmp_path: Path) -> None:
-    import json
 
     from extproc.devstack.ports import free_port
     from tests.e2e.client import request
@@ -215,7 +202,7 @@ def test_several_processor_processes_share_limits_through_redis(tmp_path: Path) 
         pids = {rid.split("-", 1)[0] for rid in rids}
         assert len(pids) == 2, "both processes served requests"
         for rid in rids:
-            assert _wait_record(s, rid)["completion_tokens"] == 2
+            assert wait_record(s.usage_log, rid)["completion_tokens"] == 2
 
 
 def test_shadow_mode_meters_and_records_but_never_refuses(tmp_path: Path) -> None:
@@ -224,7 +211,7 @@ def test_shadow_mode_meters_and_records_but_never_refuses(tmp_path: Path) -> Non
     with Stack(StackOptions(policy=policy, run_dir=tmp_path / "run")) as s:
         replies = [chat(s.base_url, "e2e-rpm-key", max_tokens=3) for _ in range(5)]  # limit: 3 per minute
         assert [r.status for r in replies] == [200] * 5
-        decisions = [_wait_record(s, r.headers["x-tokenmeter-request-id"])["decision"] for r in replies]
+        decisions = [wait_record(s.usage_log, r.headers["x-tokenmeter-request-id"])["decision"] for r in replies]
         assert decisions == ["admitted"] * 3 + ["shadow"] * 2
         assert chat(s.base_url, "sk-unknown").status == 401  # identity is still enforced
 
@@ -237,7 +224,7 @@ def test_replicas_settle_each_others_requests_and_stop_without_waiting_out_the_g
         rids = [chat(s.base_url, BASIC, max_tokens=2).headers["x-tokenmeter-request-id"] for _ in range(8)]
         assert len({rid.split("-", 1)[0] for rid in rids}) == 2, "both processes admitted requests"
         for rid in rids:  # whichever replica Envoy's access log reaches settles and records them all
-            assert _wait_record(s, rid)["completion_tokens"] == 2
+            assert wait_record(s.usage_log, rid)["completion_tokens"] == 2
         for proc in [p for p in s.procs if p.name.startswith("processor")]:
             started = time.monotonic()
             proc.popen.send_signal(signal.SIGTERM)
@@ -254,7 +241,7 @@ def test_a_settle_secret_seals_admissions_and_they_still_settle(tmp_path: Path) 
         for stream in (False, True):
             reply = chat(s.base_url, BASIC, stream=stream, max_tokens=7)
             assert reply.status == 200
-            rec = _wait_record(s, reply.headers["x-tokenmeter-request-id"])
+            rec = wait_record(s.usage_log, reply.headers["x-tokenmeter-request-id"])
             assert rec["completion_tokens"] == 7 and rec["usage_source"] == "reported"
 
 
@@ -270,3 +257,37 @@ def test_a_policy_that_refuses_over_the_cap_answers_400_naming_the_cap(own_stack
     error = reply.json()["error"]
     assert "2048" in error["message"] and error["param"] == "max_tokens"
     assert chat(own_stack.base_url, BASIC, max_tokens=2048).status == 200
+
+
+def test_the_audit_trail_records_policy_loads_and_enforcement_and_verifies(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    policy = tmp_path / "policy.yaml"
+    shutil.copy(E2E_POLICY, policy)
+    audit = tmp_path / "audit.jsonl"
+    opts = StackOptions(policy=policy, run_dir=tmp_path / "run", processor_extra=("--audit-log", str(audit)))
+    with Stack(opts) as s:
+        statuses = [chat(s.base_url, "e2e-rpm-key", max_tokens=1).status for _ in range(4)]  # 3 per minute
+        assert statuses == [200, 200, 200, 429]
+        assert chat(s.base_url, "e2e-alert-key", max_tokens=400).status == 200  # over its alert-only limit
+        policy.write_text(policy.read_text().replace('version: "e2e-1"', 'version: "e2e-2"'))
+        deadline = time.monotonic() + 10
+        while '"e2e-2"' not in (audit.read_text() if audit.exists() else ""):
+            assert time.monotonic() < deadline, "the reload never reached the audit trail"
+            time.sleep(0.2)
+    tokenmeter = str(Path(sys.executable).parent / "tokenmeter")
+    verified = subprocess.run([tokenmeter, "audit", "verify", str(audit)], capture_output=True, text=True, timeout=30)
+    assert verified.returncode == 0 and "OK" in verified.stdout, verified.stdout + verified.stderr
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    kinds = [(e["type"], e.get("kind")) for e in events]
+    assert kinds[0][0] == "policy_loaded" and ("policy_loaded", None) in kinds[1:]
+    assert ("enforcement", "throttle") in kinds and ("enforcement", "alert") in kinds
+    throttle = next(e for e in events if e.get("kind") == "throttle")
+    assert throttle["key_id"] == "e2e-rpm" and throttle["policy_version"] == "e2e-1"
+    assert "e2e-rpm-key" not in audit.read_text()  # never a key
+    lines = audit.read_text().splitlines()
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text("\n".join([lines[0], lines[1].replace("e2e-rpm", "e2e-rpX"), *lines[2:]]) + "\n")
+    broken = subprocess.run([tokenmeter, "audit", "verify", str(edited)], capture_output=True, text=True, timeout=30)
+    assert broken.returncode == 1 and f"{edited}:2:" in broken.stderr

@@ -6,18 +6,11 @@ import json
 import time
 
 from extproc.devstack.stack import Stack
-from tests.e2e.client import chat, fake_stats, request
+from tests.e2e.client import chat, fake_stats, request, wait_for, wait_record
 
 BASIC = "e2e-basic-key"
 
 
-def _wait_for(predicate, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
 def _records_count(stack: Stack) -> int:
@@ -32,14 +25,6 @@ def _new_record(stack: Stack, after: int, match) -> dict[str, object] | None:  #
     return next((r for r in new if match(r)), None)
 
 
-def _record(stack: Stack, request_id: str) -> dict[str, object] | None:
-    if not stack.usage_log.exists():
-        return None
-    for line in stack.usage_log.read_text().splitlines():
-        rec = json.loads(line)
-        if rec["request_id"] == request_id:
-            return rec  # type: ignore[no-any-return]
-    return None
 
 
 def test_unknown_key_gets_401_with_openai_error(stack: Stack) -> None:
@@ -65,7 +50,7 @@ def test_non_streaming_usage_is_metered_as_reported(stack: Stack) -> None:
     reply = chat(stack.base_url, BASIC, max_tokens=17)
     assert reply.status == 200
     rid = reply.headers["x-tokenmeter-request-id"]
-    rec = _wait_for(lambda: _record(stack, rid))
+    rec = wait_record(stack.usage_log, rid)
     assert rec is not None
     usage = reply.json()["usage"]
     assert rec["prompt_tokens"] == usage["prompt_tokens"]
@@ -87,7 +72,7 @@ def test_streaming_usage_is_metered_as_reported_even_without_include_usage(stack
     text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c.get("choices"))
     assert len(text.split()) == 23
     rid = reply.headers["x-tokenmeter-request-id"]
-    rec = _wait_for(lambda: _record(stack, rid))
+    rec = wait_record(stack.usage_log, rid)
     assert rec is not None
     # the fake server reports 23 output tokens and 6 words + 3 per message of prompt
     assert (rec["completion_tokens"], rec["prompt_tokens"]) == (23, 9)
@@ -108,7 +93,7 @@ def test_access_log_carries_attribution_and_tokens(stack: Stack) -> None:
     def entry() -> dict[str, object] | None:
         return next((e for e in stack.access_log_entries() if e.get("request_id") == rid), None)
 
-    log = _wait_for(entry)
+    log = wait_for(entry)
     assert log is not None
     assert log["tenant"] == "acme" and log["project"] == "chat" and log["key_id"] == "e2e-basic"
     assert log["model"] == "llama-test"
@@ -143,7 +128,7 @@ def test_underscore_spellings_and_envoy_internal_headers_reach_neither_upstream_
     assert reply.status == 200
     assert not any("_" in name for name in reply.headers["x-fake-seen-headers"].split(","))
     rid = reply.headers["x-tokenmeter-request-id"]
-    entry = _wait_for(lambda: next((e for e in stack.access_log_entries() if e.get("request_id") == rid), None))
+    entry = wait_for(lambda: next((e for e in stack.access_log_entries() if e.get("request_id") == rid), None))
     assert entry is not None and entry["path"] == "/v1/chat/completions"
 
 
@@ -198,7 +183,7 @@ def test_block_action_answers_403_without_retry_after(stack: Stack) -> None:
 def test_upstream_error_without_usage_is_not_charged(stack: Stack) -> None:
     reply = chat(stack.base_url, BASIC, max_tokens=50, extra_headers={"x-fake-status": "500"})
     assert reply.status == 500
-    rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec is not None
     assert rec["status"] == 500
     assert rec["prompt_tokens"] == rec["completion_tokens"] == 0
@@ -211,7 +196,7 @@ def test_every_request_gets_exactly_one_usage_record(stack: Stack) -> None:
         for i in range(6)
     ]
     rids.append(chat(stack.base_url, "sk-nope").headers["x-tokenmeter-request-id"])
-    assert all(_wait_for(lambda rid=rid: _record(stack, rid)) for rid in rids)
+    assert all(wait_record(stack.usage_log, rid) for rid in rids)
     time.sleep(0.3)
     seen = [json.loads(line)["request_id"] for line in stack.usage_log.read_text().splitlines()]
     assert all(seen.count(rid) == 1 for rid in rids), [seen.count(rid) for rid in rids]
@@ -221,7 +206,7 @@ def test_non_llm_paths_are_authenticated_counted_and_recorded(stack: Stack) -> N
     assert request(stack.base_url, "GET", "/v1/models").status == 401
     reply = request(stack.base_url, "GET", "/v1/models", headers={"authorization": f"Bearer {BASIC}"})
     assert reply.status == 404  # the fake model server has no such route; Envoy forwarded it
-    rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec is not None and rec["decision"] == "admitted" and rec["tenant"] == "acme"
     assert rec["prompt_tokens"] == rec["completion_tokens"] == 0
 
@@ -229,7 +214,7 @@ def test_non_llm_paths_are_authenticated_counted_and_recorded(stack: Stack) -> N
 def test_alert_action_lets_requests_through_and_records_the_event(stack: Stack) -> None:
     replies = [chat(stack.base_url, "e2e-alert-key", max_tokens=200) for _ in range(4)]
     assert [r.status for r in replies] == [200] * 4  # 4 x ~210 tokens > 300/min, yet nothing refused
-    last = _wait_for(lambda: _record(stack, replies[-1].headers["x-tokenmeter-request-id"]))
+    last = wait_record(stack.usage_log, replies[-1].headers["x-tokenmeter-request-id"])
     assert last is not None
     assert last["decision"] == "alert"
     assert last["alerts"] == ["key:e2e-alert"]
@@ -242,13 +227,13 @@ def test_body_over_envoys_buffer_gets_the_same_json_413(stack: Stack) -> None:
     assert reply.headers["content-type"].startswith("application/json")
     assert reply.json()["error"]["code"] == "request_too_large"
     # recorded too: Envoy refused it before the processor saw it
-    assert _wait_for(lambda: _new_record(stack, records, lambda r: r["decision"] == "refused_by_envoy"))
+    assert wait_for(lambda: _new_record(stack, records, lambda r: r["decision"] == "refused_by_envoy"))
 
 
 def test_upstream_error_with_no_body_is_recorded_and_not_charged(stack: Stack) -> None:
     reply = chat(stack.base_url, BASIC, max_tokens=50, extra_headers={"x-fake-status": "503", "x-fake-empty-body": "1"})
     assert reply.status == 503
-    rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec is not None, "a response without a body still gets its usage record"
     assert rec["prompt_tokens"] == rec["completion_tokens"] == 0
     assert rec["status"] == 503
@@ -260,7 +245,7 @@ def test_path_spelling_tricks_are_still_metered_or_refused(stack: Stack) -> None
     for path in ("/v1//chat/completions", "/v1/%63hat/completions", "/v1/./chat/completions"):
         reply = request(stack.base_url, "POST", path, body, headers)
         if reply.status == 200:
-            rec = _wait_for(lambda reply=reply: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+            rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
             assert rec is not None and rec["completion_tokens"] == 5 and rec["usage_source"] == "reported", path
         else:
             assert reply.status in (400, 404), (path, reply.status)
@@ -279,7 +264,7 @@ def test_anthropic_messages_are_metered_as_reported_streaming_and_not(stack: Sta
     plain = _anthropic(stack, stream=False, max_tokens=11)
     assert plain.status == 200
     reported = plain.json()["usage"]
-    rec = _wait_for(lambda: _record(stack, plain.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, plain.headers["x-tokenmeter-request-id"])
     assert rec is not None and rec["usage_source"] == "reported"
     assert (rec["prompt_tokens"], rec["completion_tokens"]) == (reported["input_tokens"], reported["output_tokens"])
 
@@ -288,7 +273,7 @@ def test_anthropic_messages_are_metered_as_reported_streaming_and_not(stack: Sta
     events = streamed.sse_data()
     start = next(e for e in events if e.get("type") == "message_start")
     delta = [e for e in events if e.get("type") == "message_delta"][-1]
-    rec = _wait_for(lambda: _record(stack, streamed.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, streamed.headers["x-tokenmeter-request-id"])
     assert rec is not None and rec["usage_source"] == "reported" and rec["stream"] is True
     assert rec["prompt_tokens"] == start["message"]["usage"]["input_tokens"]
     assert rec["completion_tokens"] == delta["usage"]["output_tokens"] == 13
@@ -305,7 +290,7 @@ def test_a_post_without_a_body_gets_400_and_never_reaches_a_model_server(stack: 
     assert reply.json()["error"]["type"] == "invalid_request_error"
     assert {pool: fake_stats(port)["requests"] for pool, port in stack.pool_ports.items()} == before
     # and it has its usage record: Envoy refused it (the processor never saw a body)
-    rec = _wait_for(lambda: _new_record(
+    rec = wait_for(lambda: _new_record(
         stack, records, lambda r: r["status"] == 400 and r["decision"] == "refused_by_envoy"))
     assert rec is not None and rec["completion_tokens"] == 0 and rec["reserved_tokens"] == 0
 
@@ -314,7 +299,7 @@ def test_usage_is_read_whatever_the_server_calls_its_json(stack: Stack) -> None:
     for content_type in ("application/json; charset=utf-8", "application/json;charset=UTF-8"):
         reply = chat(stack.base_url, BASIC, max_tokens=9, extra_headers={"x-fake-content-type": content_type})
         assert reply.status == 200 and reply.headers["content-type"] == content_type
-        rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))  # noqa: B023
+        rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
         assert rec is not None and rec["usage_source"] == "reported", content_type
         assert rec["completion_tokens"] == reply.json()["usage"]["completion_tokens"] == 9
 
@@ -324,7 +309,7 @@ def test_generation_is_bounded_by_what_was_reserved(stack: Stack) -> None:
     over = chat(stack.base_url, BASIC, max_tokens=3000)
     assert over.status == 200 and over.headers["x-tokenmeter-max-output-tokens"] == "2048"
     assert over.json()["usage"]["completion_tokens"] == 2048
-    rec = _wait_for(lambda: _record(stack, over.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, over.headers["x-tokenmeter-request-id"])
     assert rec is not None and rec["completion_tokens"] == 2048
     assert rec["reserved_tokens"] >= 2048  # the reservation covers what the server may generate
     # no maximum named: forwarded with the reserved default (64), not the server's own default

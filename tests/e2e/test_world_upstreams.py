@@ -12,36 +12,22 @@ import gzip
 import json
 import threading
 import time
-from typing import Any
 
 import anthropic
 import openai
 import pytest
 
 from extproc.devstack.stack import Stack
-from tests.e2e.client import Reply, chat, fake_stats, request
+from tests.e2e.client import Reply, chat, fake_stats, request, usage_records, wait_record
 
 BASIC = "e2e-basic-key"
 SPLIT = {"x-fake-split": "1-50", "x-fake-unicode": "1"}
 
 
-def _wait_for(predicate, timeout: float = 5.0):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
 
 
-def _records(stack: Stack) -> list[dict[str, Any]]:
-    if not stack.usage_log.exists():
-        return []
-    return [json.loads(line) for line in stack.usage_log.read_text().splitlines() if line.strip()]
 
 
-def _record(stack: Stack, request_id: str) -> dict[str, Any] | None:
-    return next((r for r in _records(stack) if r["request_id"] == request_id), None)
 
 
 def _words(n: int) -> list[str]:
@@ -68,7 +54,7 @@ def test_a_client_that_did_not_ask_never_sees_the_injected_usage_event_however_t
         assert all("usage" not in c or c["usage"] is None for c in chunks), f"seed {seed}"
         assert _streamed_text(reply) == " ".join(_words(12)), f"seed {seed}: text damaged"
         assert reply.body.rstrip().endswith(b"data: [DONE]")
-        rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))  # noqa: B023
+        rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
         assert rec is not None and rec["usage_source"] == "reported", seed
         assert rec["completion_tokens"] == 12 and rec["prompt_tokens"] == 9, seed
 
@@ -102,7 +88,7 @@ def test_the_openai_sdk_streaming_loop_reads_choices_0_of_every_chunk(stack: Sta
         model="llama-test", messages=[{"role": "user", "content": "hi"}], max_tokens=6)
     completion = plain.parse()
     assert completion.usage is not None and completion.usage.completion_tokens == 6
-    rec = _wait_for(lambda: _record(stack, plain.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, plain.headers["x-tokenmeter-request-id"])
     assert rec is not None and (rec["prompt_tokens"], rec["completion_tokens"]) == (
         completion.usage.prompt_tokens, 6)
 
@@ -118,7 +104,7 @@ def test_the_anthropic_sdk_streams_and_is_metered_as_reported(stack: Stack) -> N
     raw = client.messages.with_raw_response.create(
         model="claude-test", max_tokens=3, messages=[{"role": "user", "content": "four words of prompt"}])
     message = raw.parse()
-    rec = _wait_for(lambda: _record(stack, raw.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, raw.headers["x-tokenmeter-request-id"])
     assert rec is not None and rec["usage_source"] == "reported"
     assert (rec["prompt_tokens"], rec["completion_tokens"]) == (message.usage.input_tokens, 3)
 
@@ -140,7 +126,7 @@ def test_a_compressed_answer_is_metered_as_reported_and_the_client_still_gets_gz
     assert reply.headers.get("content-encoding") == "gzip"
     body = json.loads(gzip.decompress(reply.body))
     assert body["usage"]["completion_tokens"] == 40
-    rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec is not None and rec["usage_source"] == "reported"
     assert (rec["prompt_tokens"], rec["completion_tokens"]) == (body["usage"]["prompt_tokens"], 40)
 
@@ -152,7 +138,7 @@ def test_a_server_that_compresses_unasked_is_estimated_within_the_reservation(st
     reply = chat(stack.base_url, BASIC, max_tokens=33, extra_headers={"x-fake-compress": "always"})
     assert reply.status == 200 and reply.headers.get("content-encoding") == "gzip"
     assert json.loads(gzip.decompress(reply.body))["usage"]["completion_tokens"] == 33
-    rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec is not None and rec["usage_source"] == "estimated"
     assert 0 < rec["prompt_tokens"] + rec["completion_tokens"] <= rec["reserved_tokens"]
 
@@ -170,14 +156,14 @@ def test_a_stream_whose_upstream_closes_without_a_clean_end_keeps_its_tail(
         assert reply.status == 200
         assert _streamed_text(reply) == " ".join(_words(10)), f"seed {seed}: tail lost"
         assert reply.body.rstrip().endswith(b"data: [DONE]"), f"seed {seed}: [DONE] lost"
-        rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))  # noqa: B023
+        rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
         assert rec is not None and rec["usage_source"] == "reported" and rec["completion_tokens"] == 10
 
 
 def test_a_stream_without_usage_is_charged_an_estimate_within_its_reservation(stack: Stack) -> None:
     reply = chat(stack.base_url, BASIC, stream=True, max_tokens=10, extra_headers={"x-fake-no-usage": "1"})
     assert reply.status == 200 and len(_streamed_text(reply).split()) == 10
-    rec = _wait_for(lambda: _record(stack, reply.headers["x-tokenmeter-request-id"]))
+    rec = wait_record(stack.usage_log, reply.headers["x-tokenmeter-request-id"])
     assert rec is not None and rec["usage_source"] == "estimated"
     assert 0 < rec["prompt_tokens"] + rec["completion_tokens"] <= rec["reserved_tokens"]
 
@@ -189,7 +175,7 @@ def test_a_client_chosen_request_id_joins_nothing(stack: Stack) -> None:
     """A stream, a body-less POST and a second request all carry the same client x-request-id: each
     gets exactly one record, the stream is charged its usage, and nothing refunds it early."""
     chosen = {"x-request-id": "client-chosen-id"}
-    before = len(_records(stack))
+    before = len(usage_records(stack.usage_log))
     streamed: list[Reply] = []
     slow = threading.Thread(target=lambda: streamed.append(chat(
         stack.base_url, BASIC, stream=True, max_tokens=12,
@@ -202,11 +188,11 @@ def test_a_client_chosen_request_id_joins_nothing(stack: Stack) -> None:
     slow.join(timeout=10)
     assert bodyless.status == 400 and other.status == 200 and streamed[0].status == 200
     rids = [streamed[0].headers["x-tokenmeter-request-id"], other.headers["x-tokenmeter-request-id"]]
-    recs = {rid: _wait_for(lambda rid=rid: _record(stack, rid)) for rid in rids}
+    recs = {rid: wait_record(stack.usage_log, rid) for rid in rids}
     assert recs[rids[0]]["completion_tokens"] == 12 and recs[rids[0]]["usage_source"] == "reported"
     assert recs[rids[1]]["completion_tokens"] == 3
     time.sleep(0.3)
-    new = _records(stack)[before:]
+    new = usage_records(stack.usage_log)[before:]
     assert sorted(r["request_id"] for r in new if r["request_id"] in rids) == sorted(rids)
     assert len(new) == 3, [(r["request_id"], r["decision"]) for r in new]  # and one for the body-less POST
     assert all("client-chosen-id" not in r["request_id"] for r in new)
@@ -220,7 +206,7 @@ def test_the_upstream_log_and_the_ledger_agree_under_split_streams(stack: Stack)
         reply = chat(stack.base_url, BASIC, stream=i % 2 == 0, max_tokens=5 + i,
                      extra_headers={**SPLIT, "x-fake-seed": str(100 + i)})
         rids.append(reply.headers["x-tokenmeter-request-id"])
-    recs = [_wait_for(lambda rid=rid: _record(stack, rid)) for rid in rids]
+    recs = [wait_record(stack.usage_log, rid) for rid in rids]
     served = {pool: fake_stats(port) for pool, port in stack.pool_ports.items()}
     completion = sum(served[p]["completion_tokens"] - start[p]["completion_tokens"] for p in served)
     assert completion == sum(r["completion_tokens"] for r in recs) == sum(5 + i for i in range(12))
