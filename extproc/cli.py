@@ -101,6 +101,9 @@ def _policy_check(args: argparse.Namespace) -> int:
         f"{args.file}: OK (version {policy.version}, {len(policy.tenants)} tenants, "
         f"{len(policy.keys_by_sha256)} keys, pools {', '.join(p.name for p in policy.pools)})"
     )
+    from extproc.records.commands import warn_unpriced
+
+    warn_unpriced(args.file, policy)  # stderr: models whose records would carry no cost
     return 0
 
 
@@ -164,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="summarize a usage log per tenant and key")
     r.add_argument("usage_log")
     r.set_defaults(func=_report)
+
+    from extproc.records.commands import add_usage_parser
+
+    add_usage_parser(sub)  # usage report | export | reconcile
 
     p = sub.add_parser("policy", help="policy file tools")
     psub = p.add_subparsers(dest="policy_command", required=True)

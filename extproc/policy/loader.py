@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +19,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from extproc.billing.catalog import RATE_KINDS, ModelPrices, PriceCatalog, RateOverride
 from extproc.policy.model import (
     Action,
     ApiKey,
@@ -53,7 +55,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CONSTRUCTOR = SafeConstructor()
 
-_TOP_KEYS = ("version", "mode", "request", "redis", "models", "pools", "tenants", "keys")
+_TOP_KEYS = ("version", "mode", "request", "redis", "models", "pools", "tenants", "keys", "prices")
 _REQUIRED_TOP_KEYS = ("version", "tenants", "keys", "pools")
 _LIMIT_INT_KEYS = (
     "tokens_per_minute",
@@ -69,6 +71,9 @@ _TENANT_KEYS = ("limits", "projects")
 _PROJECT_KEYS = ("limits", "teams")
 _TEAM_KEYS = ("limits",)
 _APIKEY_KEYS = ("id", "sha256", "tenant", "project", "team", "limits")
+_PRICES_KEYS = ("version", "currency", "models", "default")
+_MODEL_PRICE_KEYS = (*RATE_KINDS, "pools")
+_CURRENCY = re.compile(r"[A-Z]{3}")
 
 
 class PolicyError(Exception):
@@ -311,7 +316,10 @@ def _policy(root: Node, source: str) -> Policy:
     pools = _pools(top.require("pools"))
     tenants = _tenants(top.require("tenants"))
     keys = _keys(top.require("keys"), tenants)
-    return Policy(version, mode, request, pools, tenants, keys, source=source, models=_models(top.get("models")))
+    prices = _prices(top.get("prices"), pools)
+    return Policy(
+        version, mode, request, pools, tenants, keys, source=source, models=_models(top.get("models")), prices=prices
+    )
 
 
 def _models(node: Node | None) -> frozenset[str]:
@@ -529,3 +537,86 @@ def _sha256(node: Node, key_id: str) -> str:
         node,
         f"key '{key_id}': sha256 must be 64 lowercase hex characters (got {len(text)} characters); {hint}",
     )
+
+
+# -- prices -----------------------------------------------------------------------------
+
+
+def _prices(node: Node | None, pools: tuple[Pool, ...]) -> PriceCatalog | None:
+    """The price catalog (extproc.billing.catalog): version, currency, per-model rates per million
+    tokens with per-pool overrides, and an optional default for models not listed."""
+    if node is None:
+        return None
+    m = _map_node(node, "prices", _PRICES_KEYS)
+    version = _string(m.require("version"), "prices.version")
+    currency_node = m.require("currency")
+    currency = _string(currency_node, "prices.currency")
+    if not _CURRENCY.fullmatch(currency):
+        raise _Invalid(currency_node, f"prices.currency must be an ISO 4217 code such as USD or EUR, got '{currency}'")
+    pool_names = tuple(p.name for p in pools)
+    models: dict[str, ModelPrices] = {}
+    models_node = m.get("models")
+    if models_node is not None:
+        for name, f in _model_names(models_node, "prices.models").items():
+            models[name] = _model_prices(f.value, f"prices.models.{name}", pool_names)
+    default_node = m.get("default")
+    default = _model_prices(default_node, "prices.default", pool_names) if default_node is not None else None
+    if not models and default is None:
+        raise _Invalid(node, "prices must price at least one model (prices.models) or give a prices.default")
+    return PriceCatalog(version=version, currency=currency, models=models, default=default)
+
+
+def _model_names(node: Node, where: str) -> dict[str, _Field]:
+    """A mapping keyed by model names: any non-empty string of at most 256 characters (model names
+    carry '/' and ':'), each once."""
+    if not isinstance(node, MappingNode):
+        raise _Invalid(node, f"{where} must be a mapping of model names to prices, got {_kind(node)}")
+    fields: dict[str, _Field] = {}
+    for key_node, value_node in node.value:
+        name = _key_text(key_node, where, names=False)
+        if not name.strip() or len(name) > 256:
+            raise _Invalid(key_node, f"invalid model name in {where}: must be 1 to 256 characters")
+        if name in fields:
+            first = _line(fields[name].key)
+            raise _Invalid(key_node, f"duplicate model '{name}' in {where} (first at line {first})")
+        fields[name] = _Field(key_node, value_node)
+    return fields
+
+
+def _model_prices(node: Node, where: str, pool_names: tuple[str, ...]) -> ModelPrices:
+    m = _map_node(node, where, _MODEL_PRICE_KEYS)
+    for kind in ("input", "output"):
+        m.require(kind)
+    rates = _rates(m)
+    overrides: dict[str, RateOverride] = {}
+    pools_node = m.get("pools")
+    if pools_node is not None:
+        pm = _map_node(pools_node, m.sub("pools"), None)
+        for pool, f in pm.fields.items():
+            if pool not in pool_names:
+                raise _Invalid(f.key, f"unknown pool '{pool}' in {pm.where} (pools: {', '.join(pool_names)})")
+            om = _map_node(f.value, f"{pm.where}.{pool}", RATE_KINDS)
+            if not om.fields:
+                raise _Invalid(f.value, f"{om.where} must override at least one of: {', '.join(RATE_KINDS)}")
+            overrides[pool] = _rates(om)
+    return ModelPrices(rates=rates, pools=overrides)
+
+
+def _rates(m: _Map) -> RateOverride:
+    values = {kind: _rate(node, m.sub(kind)) for kind in RATE_KINDS if (node := m.get(kind)) is not None}
+    return RateOverride(**values)
+
+
+def _rate(node: Node, where: str) -> Decimal:
+    """A non-negative decimal from the YAML text itself (0.15 stays exactly 0.15: never a float)."""
+    expected = f"{where} must be a non-negative number (price per million tokens)"
+    if not isinstance(node, ScalarNode) or node.tag not in (_TAG_INT, "tag:yaml.org,2002:float", _TAG_STR):
+        raise _Invalid(node, f"{expected}, got {_kind(node)}")
+    text = str(node.value).strip()
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise _Invalid(node, f"{expected}, got '{text}'") from None
+    if not value.is_finite() or value < 0:
+        raise _Invalid(node, f"{expected}, got '{text}'")
+    return value

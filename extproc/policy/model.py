@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from extproc.billing.catalog import PriceCatalog
+
 
 class Mode(StrEnum):
     ENFORCE = "enforce"  # over a limit: the action decides
@@ -116,6 +118,8 @@ class Policy:
     # the models served: the only values a client-chosen model name takes as a metric label
     # (any other is "other"); empty: every model is "other"
     models: frozenset[str] = frozenset()
+    # the versioned price catalog (`prices`): what each record costs; None: records carry no cost
+    prices: PriceCatalog | None = None
 
     def key_for_hash(self, digest: str) -> ApiKey | None:
         return self.keys_by_sha256.get(digest)

@@ -86,9 +86,8 @@ class JsonlSink:
 
 
 def read_records(path: str | Path) -> list[UsageRecord]:
-    out: list[UsageRecord] = []
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                out.append(UsageRecord.from_json(line))
-    return out
+    """The records of a usage log, folded by request id (the last line wins): the ledger reader,
+    extproc.records.ledger.read_ledger."""
+    from extproc.records.ledger import read_ledger
+
+    return read_ledger(path).records

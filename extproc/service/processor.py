@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from extproc.limiter.types import Decision as LimiterDecision
 from extproc.limiter.types import Limiter, PoolCeiling, Reservation
 from extproc.metering.usage import Usage
 from extproc.policy.model import Action, ApiKey, Mode, OverCap, Policy
-from extproc.records.record import RecordSink, UsageRecord
+from extproc.records.record import API_LABELS, Limit, RecordSink, UsageRecord
 from extproc.service import responses as R
 from extproc.service.admission import ScopePath, output_limit, pool_ceilings, reservation_tokens, scope_path
 from extproc.service.errors import error_body
@@ -91,7 +92,8 @@ class Context:
         self.limiter = limiter
         self.sink = sink
         self.telemetry = telemetry or Telemetry()
-        self.settlement = Settlement(limiter, sink, self.telemetry)
+        self.settlement = Settlement(limiter, sink, self.telemetry, prices=lambda: self.policy.prices,
+                                     replica=REPLICA)
         # admitted here, not ended yet: what a draining processor waits for (extproc.service.server)
         self.inflight: Inflight[Admitted] = Inflight()
         # Envoy's request id -> ours, for each body-only request until its access log entry: how an
@@ -153,8 +155,10 @@ def _attribute_headers(req: pb.ProcessingRequest) -> dict[str, str]:
 
 
 _counter = 0
-# Unique per process even where every replica is pid 1 (containers).
+# Unique per process even where every replica is pid 1 (containers): it prefixes every request id
+# this replica issues and names it on the records it writes.
 _ID_PREFIX = f"{secrets.token_hex(4)}{os.getpid():x}"
+REPLICA = f"{socket.gethostname()[:64]}/{_ID_PREFIX}"
 
 
 def _new_request_id() -> str:
@@ -359,6 +363,7 @@ class StreamProcessor:
             return self._bad_request(exc)
         s.info = info
         s.record.model, s.record.stream = _bounded(info.model), info.stream
+        s.record.api = API_LABELS.get(api.api)
         rules = s.policy.request
         asked = info.max_output_tokens
         if asked is not None and asked > rules.max_tokens_cap and api.output_keys and rules.over_cap is OverCap.REFUSE:
@@ -428,7 +433,11 @@ class StreamProcessor:
     def _admitted_decision(self, decision: LimiterDecision) -> Decision:
         if not decision.alerts:
             return Decision.ADMITTED
-        return Decision.ALERT if self.s.policy.mode is Mode.ENFORCE else Decision.SHADOW
+        if self.s.policy.mode is Mode.ENFORCE:
+            return Decision.ALERT
+        if self.s.record is not None and self.s.scopes is not None:  # what enforce mode would have done
+            self.s.record.decided_by = Limit.strictest(decision.alerts, self.s.scopes.actions)
+        return Decision.SHADOW
 
     def _admitted_metadata(self, decision: LimiterDecision) -> dict[str, R.MetadataValue]:
         # Envoy's route adds the x-ratelimit-* response headers from these.
@@ -455,6 +464,8 @@ class StreamProcessor:
         what = _denial_text(decision)
         kind = EnforcementKind.BLOCK if action is Action.BLOCK else EnforcementKind.THROTTLE
         self._audit(kind, decision.denied_scope, decision.denied_kind)
+        if s.record is not None:
+            s.record.decided_by = Limit(decision.denied_scope or "", decision.denied_kind, str(action))
         if action is Action.BLOCK:
             return self._refuse(
                 403,

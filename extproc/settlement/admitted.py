@@ -14,7 +14,7 @@ from google.protobuf import struct_pb2
 from extproc.apis import ApiSchema, api_by_id
 from extproc.protos import facts as codec
 from extproc.protos.tokenmeter.v1 import admission_pb2 as pb
-from extproc.records.record import UsageRecord
+from extproc.records.record import API_LABELS, UsageRecord
 from extproc.service.seal import SEAL_KEY, Seal
 from extproc.settlement.outcome import Decision
 
@@ -89,6 +89,7 @@ class Admitted:
             reserved_tokens=f.reserved_tokens,
             alerts=tuple(f.alerts),
             degraded=f.degraded,
+            api=API_LABELS.get(f.api),
         )
         return cls(record, api=api, prompt_estimate=f.prompt_estimate)
 

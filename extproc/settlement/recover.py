@@ -121,7 +121,9 @@ def recover(
     result = RecoverResult()
     known = ledger_ids(ledger)
     sink = _ListSink()
-    ctx = _RecoveryContext(policy, Settlement(limiter or _NoLimiter(), sink, Telemetry()), seal, Telemetry())
+    settlement = Settlement(limiter or _NoLimiter(), sink, Telemetry(), prices=lambda: policy.prices,
+                            replica="ledger-recover")
+    ctx = _RecoveryContext(policy, settlement, seal, Telemetry())
     for path in envoy_logs:
         for raw in _lines(path):
             result.lines += 1

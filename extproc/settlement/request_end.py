@@ -176,6 +176,7 @@ def end_request(ctx: EndContext, end: RequestEnd, *, recovering: bool = False) -
     return ctx.settlement.end(
         admitted.record, Ending.COMPLETED if complete else Ending.INCOMPLETE, usage=usage,
         charge=usage.total_tokens, status=end.status, duration_ms=end.duration_ms, response_model=model,
+        time_to_first_token_ms=end.ttfb_ms,
     )
 
 

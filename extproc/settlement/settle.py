@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
+from extproc.billing import PriceCatalog, price
 from extproc.limiter.types import Limiter
 from extproc.metering.usage import Usage
 from extproc.records.record import RecordSink, UsageRecord
@@ -64,10 +65,21 @@ def final_usage(
 
 
 class Settlement:
-    def __init__(self, limiter: Limiter, sink: RecordSink, telemetry: Telemetry, *, remember: int = REMEMBER) -> None:
+    def __init__(
+        self,
+        limiter: Limiter,
+        sink: RecordSink,
+        telemetry: Telemetry,
+        *,
+        prices: Callable[[], PriceCatalog | None] = lambda: None,
+        replica: str | None = None,
+        remember: int = REMEMBER,
+    ) -> None:
         self.limiter = limiter
         self.sink = sink
         self.telemetry = telemetry
+        self.prices = prices  # the live policy's price catalog: cost is computed when a record is written
+        self.replica = replica  # who wrote the record (the processor replica)
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
 
@@ -84,6 +96,7 @@ class Settlement:
         status: int | None = None,
         duration_ms: float | None = None,
         response_model: str | None = None,
+        time_to_first_token_ms: float | None = None,
     ) -> bool:
         """End the request of `rec`: settle its reservation at `charge` tokens (None: nothing was
         reserved), record `usage`, `status` and how it ended, and emit its one record. False (and
@@ -100,14 +113,16 @@ class Settlement:
         if status is not None:
             rec.status = status
         if usage is not None:
-            rec.prompt_tokens, rec.completion_tokens = usage.prompt_tokens, usage.completion_tokens
-            rec.cached_tokens, rec.reasoning_tokens = usage.cached_tokens, usage.reasoning_tokens
-            rec.usage_source = "estimated" if usage.estimated else "reported" if usage.total_tokens else "none"
+            rec.set_usage(usage)
         if response_model is not None:
             rec.response_model = response_model
         if duration_ms is None:
             duration_ms = (time.time() - rec.time) * 1000
         rec.duration_ms = round(duration_ms, 3)
+        if time_to_first_token_ms is not None:
+            rec.time_to_first_token_ms = round(time_to_first_token_ms, 3)
+        rec.replica = self.replica
+        price(rec, self.prices())
         self.sink.emit(rec)
         if usage is not None:
             self.telemetry.usage(rec)

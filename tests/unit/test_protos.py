@@ -242,7 +242,7 @@ def test_check_detects_a_new_proto_and_codegen_writes_it(tmp_path: Path) -> None
     shutil.copytree(ROOT / "protos", protos)
     (protos / "tokenmeter" / "v1" / "usage.proto").write_text(
         'syntax = "proto3";\npackage tokenmeter.v1;\nimport "tokenmeter/v1/admission.proto";\n'
-        "message UsageRecord {\n  AdmissionFacts admission = 1;\n  Ending ending = 2;\n}\n"
+        "message UsageSample {\n  AdmissionFacts admission = 1;\n  Ending ending = 2;\n}\n"
     )
     result = _codegen("--check", "--proto-dir", str(protos))
     assert result.returncode == 1
