@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from extproc.devstack.stack import Stack, StackOptions
-from tests.e2e.client import Reply, chat, request, usage_records
+from tests.e2e.client import Reply, chat, request, usage_records, wait_record
 from tests.e2e.conftest import E2E_POLICY
 
 BASIC = "e2e-basic-key"
@@ -82,13 +82,19 @@ def test_every_request_has_exactly_one_record_after_a_replica_crashes_and_recove
         replies = _traffic(stack, sig, victims)
         served = _served(stack)
         before = len(usage_records(stack.usage_log))
+        assert stack.redis is not None
         result = subprocess.run(
             [str(Path(sys.executable).parent / "tokenmeter"), "ledger", "recover", "--envoy-log", str(stack.access_log),
-             "--usage-log", str(stack.usage_log), "--policy", str(E2E_POLICY)],
+             "--usage-log", str(stack.usage_log), "--policy", str(E2E_POLICY), "--redis", stack.redis.url],
             capture_output=True, text=True, timeout=60,
         )
         assert result.returncode == 0, result.stderr
         ledger = usage_records(stack.usage_log)
+        # What Redis charged the key in its window (all of this test's traffic): the probe's view
+        time.sleep(0.5)  # settlements are applied off the request path
+        probe = chat(stack.base_url, BASIC, max_tokens=1)
+        probe_rec = wait_record(stack.usage_log, probe.headers["x-tokenmeter-request-id"])
+        charged = 1_000_000 - int(probe.headers["x-ratelimit-remaining-tokens"]) - probe_rec["reserved_tokens"]
         again = subprocess.run(
             [str(Path(sys.executable).parent / "tokenmeter"), "ledger", "recover", "--envoy-log", str(stack.access_log),
              "--usage-log", str(stack.usage_log), "--policy", str(E2E_POLICY)],
@@ -97,6 +103,21 @@ def test_every_request_has_exactly_one_record_after_a_replica_crashes_and_recove
         assert "0 records recovered" in again.stdout, again.stdout  # idempotent
     print(f"{sig.name} x{len(victims)}: {len(replies)} replies, {len(served)} served, ledger {before} -> "
           f"{len(ledger)} ({result.stdout.strip()})")
+    # Each request charged once in Redis, at what it used: what the ledger says the key used (the
+    # degraded admissions of a Redis stall were never in Redis). Only a request a replica admitted
+    # and died before Envoy got the answer stays charged at its reservation (recorded as refused by
+    # Envoy, 0 tokens), until its window passes: at most one per client in flight at the kill.
+    basic = [r for r in ledger if r.get("key_id") == "e2e-basic"]
+    used = sum(r["prompt_tokens"] + r["completion_tokens"] for r in basic)
+    if sig is signal.SIGKILL and victims:
+        assert used <= charged <= used + len(victims) * CLIENTS * 128, (used, charged)
+    elif not victims:
+        # a degraded admission is in Redis only if its reservation reached Redis after all (the
+        # script ran once Redis resumed): then it is settled there to what it used, like any other
+        in_redis = sum(r["prompt_tokens"] + r["completion_tokens"] for r in basic if not r["degraded"])
+        assert in_redis <= charged <= used, (in_redis, charged, used)
+    else:
+        assert charged == used, (used, charged)
     counts = Counter(r["request_id"] for r in ledger)
     assert [rid for rid, n in counts.items() if n > 1] == [], "a request recorded twice"
     by_id = {r["request_id"]: r for r in ledger}
