@@ -20,6 +20,7 @@ Mapping notes:
 
 from __future__ import annotations
 
+import dataclasses
 from fractions import Fraction
 
 from extproc.protos import facts as facts_codec
@@ -92,6 +93,29 @@ def record_to_proto(rec: UsageRecord) -> upb.UsageRecord:
     return msg
 
 
+def record_from_facts(f: apb.AdmissionFacts, decision: Decision) -> UsageRecord:
+    """A record of what the admission facts say (no usage yet): the part of a UsageRecord message
+    that is its AdmissionFacts; also how settlement starts a record from sealed facts."""
+    return UsageRecord(
+        request_id=f.request_id,
+        time=f.admitted_at.ToNanoseconds() / _BILLION,
+        decision=decision,
+        policy_version=f.policy_version,
+        tenant=f.tenant or None,
+        project=f.project or None,
+        team=f.team or None,
+        key_id=f.key_id or None,
+        path=f.path or None,
+        model=f.requested_model or None,
+        pool=f.pool or None,
+        stream=f.stream,
+        reserved_tokens=f.reserved_tokens,
+        alerts=tuple(f.alerts),
+        degraded=f.degraded,
+        api=API_LABELS.get(f.api),
+    )
+
+
 def record_from_proto(msg: upb.UsageRecord) -> UsageRecord:
     f = msg.admission
     if msg.ending == apb.ENDING_REFUSED_BY_ENVOY:
@@ -105,32 +129,18 @@ def record_from_proto(msg: upb.UsageRecord) -> UsageRecord:
     if msg.HasField("decided_by"):
         d = msg.decided_by
         decided_by = Limit(d.scope, d.kind or None, d.action or None)
-    return UsageRecord(
-        request_id=f.request_id,
-        time=f.admitted_at.ToNanoseconds() / _BILLION,
-        decision=decision,
-        policy_version=f.policy_version,
-        tenant=f.tenant or None,
-        project=f.project or None,
-        team=f.team or None,
-        key_id=f.key_id or None,
-        path=f.path or None,
-        model=f.requested_model or None,
+    rec = record_from_facts(f, decision)
+    return dataclasses.replace(
+        rec,
         response_model=msg.response_model or None,
-        pool=f.pool or None,
         status=msg.status if msg.HasField("status") else None,
-        stream=f.stream,
-        reserved_tokens=f.reserved_tokens,
         prompt_tokens=msg.prompt_tokens,
         completion_tokens=msg.completion_tokens,
         cached_tokens=msg.cached_tokens,
         reasoning_tokens=msg.reasoning_tokens,
         usage_source=_SOURCE_LABELS.get(msg.usage_source, "none"),
-        alerts=tuple(f.alerts),
-        degraded=f.degraded,
         ending=ending,
         duration_ms=msg.duration.ToNanoseconds() / _MILLION,
-        api=API_LABELS.get(f.api),
         cache_write_tokens=msg.cache_write_tokens,
         time_to_first_token_ms=(
             msg.time_to_first_token.ToNanoseconds() / _MILLION if msg.HasField("time_to_first_token") else None

@@ -14,7 +14,8 @@ from google.protobuf import struct_pb2
 from extproc.apis import ApiSchema, api_by_id
 from extproc.protos import facts as codec
 from extproc.protos.tokenmeter.v1 import admission_pb2 as pb
-from extproc.records.record import API_LABELS, UsageRecord
+from extproc.records.codec import record_from_facts
+from extproc.records.record import UsageRecord
 from extproc.service.seal import SEAL_KEY, Seal
 from extproc.settlement.outcome import Decision
 
@@ -73,24 +74,7 @@ class Admitted:
         api = api_by_id(f.api)
         if api is None:  # an admission always names its API: not facts this processor wrote
             return None
-        record = UsageRecord(
-            request_id=f.request_id,
-            time=f.admitted_at.ToNanoseconds() / 1e9,
-            decision=Decision(codec.decision_label(f.decision)),
-            policy_version=f.policy_version,
-            tenant=f.tenant or None,
-            project=f.project or None,
-            team=f.team or None,
-            key_id=f.key_id or None,
-            path=f.path or None,
-            model=f.requested_model or None,
-            pool=f.pool or None,
-            stream=f.stream,
-            reserved_tokens=f.reserved_tokens,
-            alerts=tuple(f.alerts),
-            degraded=f.degraded,
-            api=API_LABELS.get(f.api),
-        )
+        record = record_from_facts(f, Decision(codec.decision_label(f.decision)))
         return cls(record, api=api, prompt_estimate=f.prompt_estimate)
 
 
