@@ -194,6 +194,9 @@ async def serve(opts: ServeOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGHUP: read the policy file now, even an edit its stat does not show (logged and audited like a
+    # file change); the handler only wakes the reload task, which does the reading off the loop.
+    loop.add_signal_handler(signal.SIGHUP, store.request_reload, "SIGHUP")
     await stop.wait()
 
     log.info("shutting down: draining open streams (grace %.1fs)", opts.grace_seconds)
