@@ -1,4 +1,4 @@
-"""`tokenmeter`: serve, demo, report, policy check, hash-key."""
+"""`tokenmeter`: serve, demo, report, policy check, keys new, hash-key."""
 
 from __future__ import annotations
 
@@ -181,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     from extproc.audit.cli import add_subcommands as add_audit_subcommands
 
     add_audit_subcommands(sub.add_parser("audit", help="the audit log: verify its hash chain, show its events"))
+
+    from extproc.policy.keygen import add_subcommands as add_keys_subcommands
+
+    add_keys_subcommands(sub.add_parser("keys", help="API keys: `keys new` creates one, prints it once and "
+                                        "adds its digest to the policy file"))
 
     h = sub.add_parser("hash-key", help="print the SHA-256 of an API key for the policy file")
     h.add_argument("key", nargs="?", help="the key (prompted for when omitted, to keep it out of history)")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from enum import StrEnum
 from pathlib import Path
@@ -29,6 +30,7 @@ from extproc.policy.model import (
     Period,
     Policy,
     Pool,
+    PreviousDigest,
     Project,
     RequestRules,
     Team,
@@ -42,13 +44,14 @@ _TAG_INT = "tag:yaml.org,2002:int"
 _TAG_MERGE = "tag:yaml.org,2002:merge"
 _TAG_NULL = "tag:yaml.org,2002:null"
 _TAG_BOOL = "tag:yaml.org,2002:bool"
+_TAG_TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _TAG_NAMES = {
     _TAG_BOOL: "a boolean",
     _TAG_NULL: "null",
     "tag:yaml.org,2002:float": "a float",
     _TAG_INT: "an integer",
     _TAG_STR: "a string",
-    "tag:yaml.org,2002:timestamp": "a date",
+    _TAG_TIMESTAMP: "a date",
 }
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # names end up in Redis keys, metric labels and routing metadata: keep them plain
@@ -70,7 +73,11 @@ _POOL_KEYS = ("name", "tokens_per_minute", "endpoints", "reports_usage")
 _TENANT_KEYS = ("limits", "projects")
 _PROJECT_KEYS = ("limits", "teams")
 _TEAM_KEYS = ("limits",)
-_APIKEY_KEYS = ("id", "sha256", "tenant", "project", "team", "limits")
+_APIKEY_KEYS = (
+    "id", "sha256", "tenant", "project", "team", "limits", "disabled", "reason", "not_before", "expires", "previous"
+)
+_PREVIOUS_KEYS = ("sha256", "valid_until")
+_REASON_MAX = 200
 _PRICES_KEYS = ("version", "currency", "models", "default")
 _MODEL_PRICE_KEYS = (*RATE_KINDS, "pools")
 _CURRENCY = re.compile(r"[A-Z]{3}")
@@ -480,27 +487,36 @@ def _keys(node: Node, tenants: Mapping[str, Tenant]) -> dict[str, ApiKey]:
     if not isinstance(node, SequenceNode):
         raise _Invalid(node, f"keys must be a list, got {_kind(node)}")
     by_sha: dict[str, ApiKey] = {}
-    sha_lines: dict[str, int] = {}
+    # every digest in the file, current or rotated out: (key id, line), for duplicate errors
+    digests: dict[str, tuple[str, int]] = {}
     id_lines: dict[str, int] = {}
     for index, item in enumerate(node.value):
         m = _map_node(item, f"keys[{index}]", _APIKEY_KEYS)
         id_node = m.require("id")
-        key = _api_key(m, _name(id_node, m.sub("id")), tenants)
-        if key.key_id in id_lines:
-            raise _Invalid(id_node, f"duplicate key id '{key.key_id}' (first at line {id_lines[key.key_id]})")
-        if key.sha256 in by_sha:
-            raise _Invalid(
-                m.require("sha256"),
-                f"key '{key.key_id}': duplicate sha256, already used by key "
-                f"'{by_sha[key.sha256].key_id}' at line {sha_lines[key.sha256]}",
-            )
-        id_lines[key.key_id] = _line(id_node)
-        sha_lines[key.sha256] = _line(m.require("sha256"))
+        key_id = _name(id_node, m.sub("id"))
+        if key_id in id_lines:
+            raise _Invalid(id_node, f"duplicate key id '{key_id}' (first at line {id_lines[key_id]})")
+        id_lines[key_id] = _line(id_node)
+        key = _api_key(m, key_id, tenants, digests)
         by_sha[key.sha256] = key
     return by_sha
 
 
-def _api_key(m: _Map, key_id: str, tenants: Mapping[str, Tenant]) -> ApiKey:
+def _claim_digest(
+    digests: dict[str, tuple[str, int]], digest: str, key_id: str, node: Node, what: str
+) -> None:
+    """A digest names one key: a second use (as a current or a previous digest) is an error that
+    names the keys and lines, never the digest."""
+    if digest in digests:
+        other, line = digests[digest]
+        owner = "this key" if other == key_id else f"key '{other}'"
+        raise _Invalid(node, f"key '{key_id}': {what}, already used by {owner} at line {line}")
+    digests[digest] = (key_id, _line(node))
+
+
+def _api_key(
+    m: _Map, key_id: str, tenants: Mapping[str, Tenant], digests: dict[str, tuple[str, int]]
+) -> ApiKey:
     tenant_node, project_node, team_node = m.require("tenant"), m.require("project"), m.get("team")
     tenant = _name(tenant_node, m.sub("tenant"))
     project = _name(project_node, m.sub("project"))
@@ -513,14 +529,85 @@ def _api_key(m: _Map, key_id: str, tenants: Mapping[str, Tenant]) -> ApiKey:
         raise _Invalid(project_node, f"key '{key_id}': tenant '{tenant}' has no project '{project}'")
     if team is not None and team_node is not None and team not in known_project.teams:
         raise _Invalid(team_node, f"key '{key_id}': project '{tenant}.{project}' has no team '{team}'")
+    disabled = _optional_bool(m, "disabled", False)
+    not_before = _optional_timestamp(m, "not_before", key_id)
+    expires = _optional_timestamp(m, "expires", key_id)
+    if not_before is not None and expires is not None and expires <= not_before:
+        raise _Invalid(m.get("expires"), f"key '{key_id}': expires must be later than not_before")
+    sha_node = m.require("sha256")
+    sha = _sha256(sha_node, key_id)
+    _claim_digest(digests, sha, key_id, sha_node, "duplicate sha256")
+    previous_node = m.get("previous")
+    previous = _previous(previous_node, m.sub("previous"), key_id) if previous_node is not None else []
+    for prev, prev_node in previous:
+        _claim_digest(digests, prev.sha256, key_id, prev_node, "duplicate previous sha256")
     return ApiKey(
         key_id=key_id,
-        sha256=_sha256(m.require("sha256"), key_id),
+        sha256=sha,
         tenant=tenant,
         project=project,
         team=team,
         limits=_limits(m.get("limits"), m.sub("limits")),
+        disabled=disabled,
+        disabled_reason=_reason(m, key_id, disabled),
+        not_before=not_before,
+        expires=expires,
+        previous=tuple(prev for prev, _ in previous),
     )
+
+
+def _reason(m: _Map, key_id: str, disabled: bool) -> str | None:
+    """Why a key is disabled: told to its caller in the 403, so one short printable line."""
+    node = m.get("reason")
+    if node is None:
+        return None
+    if not disabled:
+        raise _Invalid(node, f"key '{key_id}': reason is only for a disabled key (add disabled: true)")
+    text = _string(node, m.sub("reason"))
+    if len(text) > _REASON_MAX or not text.isprintable():
+        raise _Invalid(
+            node, f"key '{key_id}': reason must be one printable line of at most {_REASON_MAX} characters"
+        )
+    return text
+
+
+def _previous(node: Node, where: str, key_id: str) -> list[tuple[PreviousDigest, Node]]:
+    """Digests of the key before a rotation, each accepted until its valid_until (with the node of
+    its sha256, for duplicate errors)."""
+    if not isinstance(node, SequenceNode) or not node.value:
+        raise _Invalid(
+            node, f"{where} must be a non-empty list of {{sha256: ..., valid_until: <timestamp>}}, got {_kind(node)}"
+        )
+    out: list[tuple[PreviousDigest, Node]] = []
+    for index, item in enumerate(node.value):
+        m = _map_node(item, f"{where}[{index}]", _PREVIOUS_KEYS)
+        sha_node = m.require("sha256")
+        sha = _sha256(sha_node, key_id)
+        until = _timestamp(m.require("valid_until"), m.sub("valid_until"), key_id)
+        out.append((PreviousDigest(sha256=sha, valid_until=until), sha_node))
+    return out
+
+
+def _optional_timestamp(m: _Map, key: str, key_id: str) -> float | None:
+    node = m.get(key)
+    return _timestamp(node, m.sub(key), key_id) if node is not None else None
+
+
+def _timestamp(node: Node, where: str, key_id: str) -> float:
+    """An ISO-8601 timestamp with a UTC offset (2026-01-31T00:00:00Z, ...+02:00), quoted or not, as
+    epoch seconds. Without an offset the instant would depend on the host's zone: refused."""
+    expected = f"key '{key_id}': {where} must be an ISO-8601 timestamp with a UTC offset, e.g. 2026-01-31T00:00:00Z"
+    if not isinstance(node, ScalarNode) or node.tag not in (_TAG_STR, _TAG_TIMESTAMP):
+        raise _Invalid(node, f"{expected}; got {_kind(node)}")
+    text = str(node.value).strip()
+    shown = text if len(text) <= 64 else text[:64] + "..."
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise _Invalid(node, f"{expected}; got '{shown}'") from None
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise _Invalid(node, f"{expected}; '{shown}' has no offset (add Z or +HH:MM)")
+    return when.timestamp()
 
 
 def _sha256(node: Node, key_id: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -70,6 +71,14 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class PreviousDigest:
+    """The digest a key had before a rotation: still accepted, as the same key, until `valid_until`."""
+
+    sha256: str
+    valid_until: float  # epoch seconds
+
+
+@dataclass(frozen=True)
 class ApiKey:
     key_id: str  # a printable id; the raw key is never stored
     sha256: str  # lowercase hex SHA-256 of the raw key
@@ -77,6 +86,30 @@ class ApiKey:
     project: str
     team: str | None
     limits: Limits = field(default_factory=Limits)
+    # lifecycle: a disabled key, or one outside [not_before, expires), is refused with 403
+    disabled: bool = False
+    disabled_reason: str | None = None  # told to the caller of a disabled key
+    not_before: float | None = None  # epoch seconds; None: valid from the start
+    expires: float | None = None  # epoch seconds; None: never expires
+    previous: tuple[PreviousDigest, ...] = ()  # rotated-out digests within their grace period
+
+    def entries(self) -> tuple[tuple[str, KeyEntry], ...]:
+        """Every digest that names this key, with the time window in which it is valid."""
+        start = self.not_before if self.not_before is not None else -math.inf
+        end = self.expires if self.expires is not None else math.inf
+        out = [(self.sha256, KeyEntry(self, start, end, rotated=False))]
+        out.extend((p.sha256, KeyEntry(self, start, min(end, p.valid_until), rotated=True)) for p in self.previous)
+        return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyEntry:
+    """What one digest means, precomputed at load so that identifying a caller is one dict lookup."""
+
+    key: ApiKey
+    valid_from: float  # epoch seconds, inclusive; -inf: no lower bound
+    valid_until: float  # epoch seconds, exclusive; inf: no upper bound
+    rotated: bool  # a digest from before a rotation (ApiKey.previous), not the key's current one
 
 
 @dataclass(frozen=True)
@@ -113,13 +146,24 @@ class Policy:
     request: RequestRules
     pools: tuple[Pool, ...]  # preference order; the first pool with room serves
     tenants: Mapping[str, Tenant]
-    keys_by_sha256: Mapping[str, ApiKey]
+    keys_by_sha256: Mapping[str, ApiKey]  # one entry per key, by its current digest
     source: str = ""  # file it came from
     # the models served: the only values a client-chosen model name takes as a metric label
     # (any other is "other"); empty: every model is "other"
     models: frozenset[str] = frozenset()
     # the versioned price catalog (`prices`): what each record costs; None: records carry no cost
     prices: PriceCatalog | None = None
+    # every digest that names a key (its current one and those of its grace periods after a
+    # rotation), derived from keys_by_sha256
+    key_entries: Mapping[str, KeyEntry] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        entries: dict[str, KeyEntry] = {}
+        for key in self.keys_by_sha256.values():
+            entries.update(key.entries())
+        object.__setattr__(self, "key_entries", entries)
 
     def key_for_hash(self, digest: str) -> ApiKey | None:
-        return self.keys_by_sha256.get(digest)
+        """The key a digest names (a current or a rotated-out one), whatever its lifecycle state."""
+        entry = self.key_entries.get(digest)
+        return entry.key if entry is not None else None

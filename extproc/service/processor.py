@@ -35,7 +35,7 @@ from extproc.records.record import API_LABELS, Limit, RecordSink, UsageRecord
 from extproc.service import responses as R
 from extproc.service.admission import ScopePath, output_limit, pool_ceilings, reservation_tokens, scope_path
 from extproc.service.errors import error_body
-from extproc.service.identity import identify
+from extproc.service.identity import KeyRefusal, identify
 from extproc.service.inflight import Inflight
 from extproc.service.metadata import ATTRIBUTE_HEADERS as _ATTRIBUTE_HEADERS
 from extproc.service.metadata import (
@@ -243,15 +243,16 @@ class StreamProcessor:
         follows in the same reply."""
         s = self.s
         s.path = headers.get(":path", "")
-        key = identify(headers, s.policy)
+        now = time.time()
+        found = identify(headers, s.policy, now)
         s.record = UsageRecord(
             request_id=s.request_id,
-            time=time.time(),
+            time=now,
             decision=Decision.PENDING,
             policy_version=s.policy.version,
             path=s.path.split("?", 1)[0],
         )
-        if key is None:
+        if found is None:
             return self._refuse(
                 401,
                 "Missing or unknown API key. Send it as 'Authorization: Bearer <key>'.",
@@ -259,10 +260,14 @@ class StreamProcessor:
                 code="invalid_api_key",
                 decision=Decision.REFUSED,
             )
+        key = found.key if isinstance(found, KeyRefusal) else found
         s.key = key
-        s.phase = Phase.IDENTIFIED
         s.record.tenant, s.record.project = key.tenant, key.project
         s.record.team, s.record.key_id = key.team, key.key_id
+        if isinstance(found, KeyRefusal):  # known, but disabled, not valid yet or expired: 403, naming the key id
+            return self._refuse(
+                403, found.message, type_="permission_error", code=found.code, decision=Decision.REFUSED)
+        s.phase = Phase.IDENTIFIED
         s.scopes = self.ctx.scopes(key, s.policy)
         api = s.api = api_for_path(s.path)
         if api is not None and not end_of_stream:

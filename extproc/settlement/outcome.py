@@ -19,7 +19,7 @@ class Decision(StrEnum):
     SHADOW = "shadow"  # admitted because the policy is in shadow mode; enforce would have refused
     THROTTLED = "throttled"  # 429 + Retry-After
     BLOCKED = "blocked"  # 403: a quota whose action is block is spent
-    REFUSED = "refused"  # 401: no key, or an unknown one
+    REFUSED = "refused"  # 401: no key, or an unknown one; 403: a known key disabled, not yet valid or expired
     BAD_REQUEST = "bad_request"  # 400: not a valid request of its API
     TOO_LARGE = "too_large"  # 413: over the policy's body bound
     UNSUPPORTED = "unsupported"  # 404: a POST to a path this gateway does not meter
