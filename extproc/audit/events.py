@@ -203,15 +203,23 @@ def _plain(value: Any) -> Any:
 def _key_changes(out: dict[str, Any], old: Policy, new: Policy) -> None:
     before = {k.key_id: k for k in old.keys_by_sha256.values()}
     after = {k.key_id: k for k in new.keys_by_sha256.values()}
-    rotated, moved = [], {}
+    rotated, moved, lifecycle = [], {}, {}
     for key_id in sorted(before.keys() & after.keys()):
         a, b = before[key_id], after[key_id]
         if a.sha256 != b.sha256:
             rotated.append(key_id)  # the digest itself is never recorded
         if (a.tenant, a.project, a.team) != (b.tenant, b.project, b.team):
             moved[bounded(key_id)] = [_owner(a.tenant, a.project, a.team), _owner(b.tenant, b.project, b.team)]
+        changed = {name: [getattr(a, name), getattr(b, name)] for name in _LIFECYCLE
+                   if getattr(a, name) != getattr(b, name)}
+        if changed:  # disabled or enabled, its validity window moved
+            lifecycle[bounded(key_id)] = changed
     _names(out, "keys_rotated", rotated)
     _mapping(out, "keys_moved", moved)
+    _mapping(out, "keys_lifecycle_changed", lifecycle)
+
+
+_LIFECYCLE = ("disabled", "disabled_reason", "not_before", "expires")
 
 
 def _owner(tenant: str, project: str, team: str | None) -> str:

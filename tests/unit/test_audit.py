@@ -576,3 +576,14 @@ async def test_a_failed_write_leaves_no_torn_line_and_is_reported(
     events = [_event(line) for line in _lines(path)]
     assert events[1]["i"] == 2
     assert events[2]["type"] == "events_dropped" and events[2]["reason"] == "write_failed" and events[2]["count"] == 1
+
+
+def test_a_key_disabled_or_given_an_expiry_is_in_the_change_summary() -> None:
+    text = EXAMPLE.read_text()
+    old = parse_policy(text, str(EXAMPLE))
+    entry = "  - id: acme-batch\n"
+    edited = text.replace(entry, entry + "    disabled: true\n    reason: unpaid invoice\n", 1)
+    assert edited != text
+    changes = policy_changes(old, parse_policy(edited, "edited.yaml"))
+    assert changes["keys_lifecycle_changed"] == {
+        "acme-batch": {"disabled": [False, True], "disabled_reason": [None, "unpaid invoice"]}}
