@@ -9,6 +9,9 @@ The request path, in Envoy's filter order (requests top-down, responses bottom-u
   compressor         compresses for the client what it accepts; asks the upstream for identity, so
                      every filter below reads the model server's usage in plain text
   header_mutation    drops every client-sent x-tokenmeter-* header (only the processor sets them)
+  jwt_authn          (only when the policy names JWT issuers, `identity.jwt`) verifies a bearer token
+                     shaped as a JWT (an API key is not one): an invalid one is refused here (401),
+                     a valid one's payload goes to the processor as metadata; no token: no check
   ext_proc           admission: ONE message per request (the buffered body, with path, method and
                      credentials as attributes); the reply carries the admission's metadata, the
                      pool, and an edited body (include_usage, ...). Never on the response path.
@@ -46,7 +49,8 @@ from typing import Any
 
 import yaml
 
-from extproc.policy.model import Policy
+from extproc.policy.model import JwtProvider, Policy
+from extproc.service.identity import JWT_NAMESPACE, JWT_SHAPE
 from extproc.service.metadata import (
     ATTRIBUTE_HEADERS,
     H_KEY_ID,
@@ -206,9 +210,40 @@ def _processor_grpc() -> dict[str, Any]:
     }
 
 
-def http_filters(deployment: Deployment) -> list[dict[str, Any]]:
+def jwt_authn_filter(providers: Sequence[JwtProvider]) -> dict[str, Any]:
+    """Envoy verifies the policy's JWTs. Only a bearer token shaped as a JWT is checked (an API key
+    passes unchecked, to the processor): it must be valid for one of the providers, else Envoy
+    refuses it (401). The verified payload is written to metadata under the provider's name, for the
+    processor; the token itself is removed from the request (`forward: false`)."""
+    requirements = [{"provider_name": p.name} for p in providers]
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": f"{_T}.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {
+                p.name: {
+                    "issuer": p.issuer,
+                    **({"audiences": list(p.audiences)} if p.audiences else {}),
+                    "local_jwks": {"inline_string": p.jwks},
+                    "forward": False,
+                    "payload_in_metadata": p.name,
+                }
+                for p in providers
+            },
+            "rules": [{
+                "match": {"prefix": "/", "headers": [{"name": "authorization", "string_match": {
+                    "safe_regex": {"regex": f"^Bearer {JWT_SHAPE}$"}}}]},
+                "requires": requirements[0] if len(requirements) == 1 else {
+                    "requires_any": {"requirements": requirements}},
+            }],
+        },
+    }
+
+
+def http_filters(deployment: Deployment, policy: Policy | None = None) -> list[dict[str, Any]]:
     """The filter chain, in order (see the module docstring)."""
     rules = _usage_rules()
+    jwt = policy.identity.jwt if policy is not None else ()
     return [
         {
             "name": "envoy.filters.http.compressor",
@@ -246,6 +281,7 @@ def http_filters(deployment: Deployment) -> list[dict[str, Any]]:
                 ]},
             },
         },
+        *([jwt_authn_filter(jwt)] if jwt else []),
         {
             "name": "envoy.filters.http.ext_proc",
             "typed_config": {
@@ -261,7 +297,11 @@ def http_filters(deployment: Deployment) -> list[dict[str, Any]]:
                     {"exact": "content-type"},
                 ]}},
                 "mutation_rules": {"allow_all_routing": True},
-                "metadata_options": {"receiving_namespaces": {"untyped": [NAMESPACE]}},
+                "metadata_options": {
+                    "receiving_namespaces": {"untyped": [NAMESPACE]},
+                    # the verified JWT payloads (jwt_authn), only where the policy has issuers
+                    **({"forwarding_namespaces": {"untyped": [JWT_NAMESPACE]}} if jwt else {}),
+                },
                 "request_attributes": list(ATTRIBUTE_HEADERS),
                 # Envoy re-routes after a body reply only if told to: the pool is in the reply.
                 "route_cache_action": "CLEAR",
@@ -486,13 +526,20 @@ def _json_error(message: str, type_: str, code: str) -> dict[str, Any]:
             "json_format": {"error": {"message": message, "type": type_, "param": None, "code": code}}}
 
 
-def _local_reply_config(deployment: Deployment) -> dict[str, Any]:
+def _local_reply_config(deployment: Deployment, policy: Policy | None = None) -> dict[str, Any]:
     """Every answer Envoy makes itself is an OpenAI-style JSON error, as the processor's are: its
     413 (a body over its buffer, before the processor sees it), and any other (the processor
     unreachable, a codec error, an overflow), with Envoy's reason as the code. The processor's own
     refusals (details tokenmeter_*) and the generated routes' direct responses keep their bodies."""
     mib = deployment.buffer_limit_bytes / (1024 * 1024)
+    jwt = [{
+        # jwt_authn's refusal of a token (bad signature, expired, unknown issuer, wrong audience)
+        "filter": _cel("response.code_details.startsWith('jwt_authn_access_denied')"),
+        "body_format_override": _json_error(
+            "Invalid bearer token (%RESPONSE_CODE_DETAILS%).", "invalid_request_error", "invalid_token"),
+    }] if policy is not None and policy.identity.jwt else []
     return {"mappers": [
+        *jwt,
         {
             "filter": _cel("response.code == 413 && response.code_details == 'request_payload_too_large'"),
             "body_format_override": _json_error(
@@ -510,7 +557,7 @@ def _local_reply_config(deployment: Deployment) -> dict[str, Any]:
 
 
 def http_connection_manager(policy: Policy, deployment: Deployment) -> dict[str, Any]:
-    filters = http_filters(deployment)
+    filters = http_filters(deployment, policy)
     return {
         "@type": f"{_T}.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "llm_ingress",
@@ -530,7 +577,7 @@ def http_connection_manager(policy: Policy, deployment: Deployment) -> dict[str,
         "stream_idle_timeout": "300s",
         "request_timeout": "0s",
         "access_log": _access_logs(deployment),
-        "local_reply_config": _local_reply_config(deployment),
+        "local_reply_config": _local_reply_config(deployment, policy),
         "http_filters": filters,
         "route_config": {"name": "llm_routes", "virtual_hosts": [virtual_host(policy)]},
     }
@@ -645,7 +692,8 @@ def render_istio(policy: Policy, target: IstioTarget | None = None) -> list[dict
     """
     t = target or IstioTarget()
     processor = f"outbound|{t.processor_port}||{t.processor_host}"
-    filters = [copy.deepcopy(f) for f in http_filters(Deployment()) if f["name"] != "envoy.filters.http.router"]
+    filters = [copy.deepcopy(f) for f in http_filters(Deployment(), policy)
+               if f["name"] != "envoy.filters.http.router"]
     for f in filters:
         _point_grpc(f, processor, t.processor_host)
     settle = settle_access_log()

@@ -7,6 +7,7 @@ limit, is a `PolicyError` carrying file, line and reason.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from extproc.billing.catalog import RATE_KINDS, ModelPrices, PriceCatalog, RateO
 from extproc.policy.model import (
     Action,
     ApiKey,
+    Identity,
+    JwtProvider,
     Limits,
     Mode,
     OverCap,
@@ -58,7 +61,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CONSTRUCTOR = SafeConstructor()
 
-_TOP_KEYS = ("version", "mode", "request", "redis", "models", "pools", "tenants", "keys", "prices")
+_TOP_KEYS = ("version", "mode", "request", "redis", "models", "pools", "tenants", "keys", "prices", "identity")
 _REQUIRED_TOP_KEYS = ("version", "tenants", "keys", "pools")
 _LIMIT_INT_KEYS = (
     "tokens_per_minute",
@@ -81,6 +84,12 @@ _REASON_MAX = 200
 _PRICES_KEYS = ("version", "currency", "models", "default")
 _MODEL_PRICE_KEYS = (*RATE_KINDS, "pools")
 _CURRENCY = re.compile(r"[A-Z]{3}")
+_IDENTITY_KEYS = ("jwt",)
+_JWT_KEYS = (
+    "name", "issuer", "audiences", "jwks", "tenant_claim", "project_claim", "default_project", "team_claim", "subjects"
+)
+_SUBJECT_KEYS = ("sub", "limits")
+_CLAIM = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")
 
 
 class PolicyError(Exception):
@@ -324,8 +333,10 @@ def _policy(root: Node, source: str) -> Policy:
     tenants = _tenants(top.require("tenants"))
     keys = _keys(top.require("keys"), tenants)
     prices = _prices(top.get("prices"), pools)
+    identity = _identity(top.get("identity"), source)
     return Policy(
-        version, mode, request, pools, tenants, keys, source=source, models=_models(top.get("models")), prices=prices
+        version, mode, request, pools, tenants, keys, source=source, models=_models(top.get("models")), prices=prices,
+        identity=identity,
     )
 
 
@@ -707,3 +718,112 @@ def _rate(node: Node, where: str) -> Decimal:
     if not value.is_finite() or value < 0:
         raise _Invalid(node, f"{expected}, got '{text}'")
     return value
+
+
+# -- identity ---------------------------------------------------------------------------
+
+
+def _identity(node: Node | None, source: str) -> Identity:
+    """`identity.jwt`: issuers whose tokens Envoy verifies (extproc.envoy.config renders jwt_authn
+    from them) and how their claims map onto tenants, projects and teams."""
+    if node is None:
+        return Identity()
+    m = _map_node(node, "identity", _IDENTITY_KEYS)
+    jwt_node = m.get("jwt")
+    if jwt_node is None:
+        return Identity()
+    if not isinstance(jwt_node, SequenceNode) or not jwt_node.value:
+        raise _Invalid(jwt_node, f"identity.jwt must be a non-empty list of providers, got {_kind(jwt_node)}")
+    providers: list[JwtProvider] = []
+    names: dict[str, int] = {}
+    issuers: dict[str, int] = {}
+    for index, item in enumerate(jwt_node.value):
+        pm = _map_node(item, f"identity.jwt[{index}]", _JWT_KEYS)
+        name_node = pm.require("name")
+        name = _name(name_node, pm.sub("name"))
+        if name in names:
+            raise _Invalid(name_node, f"duplicate JWT provider name '{name}' (first at line {names[name]})")
+        names[name] = _line(name_node)
+        issuer_node = pm.require("issuer")
+        issuer = _string(issuer_node, pm.sub("issuer"))
+        if issuer in issuers:
+            raise _Invalid(issuer_node, f"duplicate JWT issuer '{issuer}' (first at line {issuers[issuer]})")
+        issuers[issuer] = _line(issuer_node)
+        default_node = pm.get("default_project")
+        default_project = _name(default_node, pm.sub("default_project")) if default_node is not None else None
+        project_claim = _claim(pm, "project_claim")
+        if project_claim is None and default_project is None:
+            raise _Invalid(item, f"JWT provider '{name}': give project_claim, default_project, or both")
+        providers.append(JwtProvider(
+            name=name,
+            issuer=issuer,
+            jwks=_jwks(pm.require("jwks"), pm.sub("jwks"), source),
+            tenant_claim=_claim(pm, "tenant_claim", required=True) or "",
+            audiences=_audiences(pm),
+            project_claim=project_claim,
+            default_project=default_project,
+            team_claim=_claim(pm, "team_claim"),
+            subjects=_subjects(pm),
+        ))
+    return Identity(jwt=tuple(providers))
+
+
+def _claim(m: _Map, key: str, *, required: bool = False) -> str | None:
+    node = m.require(key) if required else m.get(key)
+    if node is None:
+        return None
+    text = _string(node, m.sub(key))
+    if not _CLAIM.fullmatch(text):
+        raise _Invalid(node, f"{m.sub(key)}: '{text[:64]}' is not a claim name (letters, digits, _ . : / -)")
+    return text
+
+
+def _audiences(m: _Map) -> tuple[str, ...]:
+    node = m.get("audiences")
+    if node is None:
+        return ()
+    if not isinstance(node, SequenceNode) or not node.value:
+        raise _Invalid(node, f"{m.sub('audiences')} must be a non-empty list of strings, got {_kind(node)}")
+    return tuple(_string(item, m.sub("audiences")) for item in node.value)
+
+
+def _subjects(m: _Map) -> dict[str, Limits]:
+    node = m.get("subjects")
+    if node is None:
+        return {}
+    where = m.sub("subjects")
+    if not isinstance(node, SequenceNode):
+        raise _Invalid(node, f"{where} must be a list of {{sub: ..., limits: ...}}, got {_kind(node)}")
+    out: dict[str, Limits] = {}
+    lines: dict[str, int] = {}
+    for index, item in enumerate(node.value):
+        sm = _map_node(item, f"{where}[{index}]", _SUBJECT_KEYS)
+        sub_node = sm.require("sub")
+        sub = _string(sub_node, sm.sub("sub"))
+        if sub in lines:
+            raise _Invalid(sub_node, f"duplicate subject '{sub[:64]}' in {where} (first at line {lines[sub]})")
+        lines[sub] = _line(sub_node)
+        out[sub] = _limits(sm.get("limits"), sm.sub("limits"))
+    return out
+
+
+def _jwks(node: Node, where: str, source: str) -> str:
+    """The JWKS JSON: inline (text starting with '{'), or a file path relative to the policy file."""
+    text = _string(node, where).strip()
+    if not text.startswith("{"):
+        path = Path(text) if Path(text).is_absolute() else Path(source).parent / text
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise _Invalid(node, f"{where}: cannot read JWKS file {str(path)!r}: {why}") from None
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise _Invalid(node, f"{where} is not valid JSON: {exc}") from None
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) and "kty" in k for k in keys):
+        raise _Invalid(node, f"{where} must be a JWKS: {{\"keys\": [{{\"kty\": ...}}, ...]}}")
+    if any(k.get(private) is not None for k in keys for private in ("d", "p", "q")):
+        raise _Invalid(node, f"{where} holds a private key: give only the public keys")
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)

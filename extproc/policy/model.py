@@ -113,6 +113,30 @@ class KeyEntry:
 
 
 @dataclass(frozen=True)
+class JwtProvider:
+    """An issuer whose tokens Envoy's jwt_authn filter verifies (signature, expiry, audience) before
+    the processor sees the request; the processor maps the verified claims onto the hierarchy."""
+
+    name: str  # also the key of its verified payload in Envoy's jwt_authn metadata
+    issuer: str
+    jwks: str  # the JWKS JSON (inline in the policy, or read from a file beside it)
+    tenant_claim: str  # the claim naming the tenant
+    audiences: tuple[str, ...] = ()  # empty: any audience
+    project_claim: str | None = None  # the claim naming the project (else default_project)
+    default_project: str | None = None
+    team_claim: str | None = None
+    # subject (`sub`) -> its own limits, as a key's (scope key:jwt:<provider>:<sub>)
+    subjects: Mapping[str, Limits] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """How callers other than API keys are identified (the policy's `identity` section)."""
+
+    jwt: tuple[JwtProvider, ...] = ()
+
+
+@dataclass(frozen=True)
 class Pool:
     name: str  # routing value written to dynamic metadata, e.g. "h100"
     tokens_per_minute: int | None = None  # ceiling; None = no ceiling (an overflow pool)
@@ -153,6 +177,8 @@ class Policy:
     models: frozenset[str] = frozenset()
     # the versioned price catalog (`prices`): what each record costs; None: records carry no cost
     prices: PriceCatalog | None = None
+    # JWT issuers (`identity.jwt`): verified by Envoy, mapped onto tenants by the processor
+    identity: Identity = field(default_factory=Identity)
     # every digest that names a key (its current one and those of its grace periods after a
     # rotation), derived from keys_by_sha256
     key_entries: Mapping[str, KeyEntry] = field(init=False, repr=False, compare=False)

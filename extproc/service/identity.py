@@ -1,20 +1,39 @@
-"""Who is calling: the API key from the request headers, looked up by its SHA-256.
+"""Who is calling: the API key from the request headers, looked up by its SHA-256; or, where the
+policy names JWT issuers (`identity.jwt`), the claims of a token Envoy's jwt_authn filter verified.
 
 A key the policy knows may still be refused: disabled, not valid yet, expired, or a rotated-out
 digest past its grace period. `identify` answers with the key, or a `KeyRefusal` naming the problem
 (the 403's error code) and the key (its id and owner: never the raw key or its digest).
+
+A JWT is verified by Envoy (signature, expiry, issuer, audience), never here: Envoy writes its payload
+to dynamic metadata (namespace JWT_NAMESPACE, under the provider's name) and forwards it with the
+request. `identify_jwt` maps those claims onto the hierarchy: a principal shaped as an `ApiKey`
+(key id `jwt:<provider>:<sub>`), or a `ClaimRefusal` when the claims name no tenant/project of the
+policy. A bearer token shaped as a JWT is never looked up as an API key when the policy has issuers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from google.protobuf.struct_pb2 import Struct, Value
+
 from extproc.policy.keys import hash_key
-from extproc.policy.model import ApiKey, KeyEntry, Policy
+from extproc.policy.model import ApiKey, JwtProvider, KeyEntry, Limits, Policy
+
+# Where Envoy's jwt_authn filter writes the verified payloads (`payload_in_metadata`: the provider's name).
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+# header.payload.signature, base64url: what Envoy's jwt_authn verifies (extproc.envoy.config matches it)
+JWT_SHAPE = r"[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
+_JWT = re.compile(JWT_SHAPE)
+_KEY_ID_MAX = 128
+_PRINTABLE = re.compile(r"[\x21-\x7e]+")
 
 
 class KeyProblem(StrEnum):
@@ -63,6 +82,15 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return key.strip() or None if key else None
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimRefusal:
+    """A verified token whose claims name nothing this policy knows: 403 with `code`."""
+
+    message: str
+    code: str
+    key_id: str
+
+
 def identify(headers: Mapping[str, str], policy: Policy, now: float | None = None) -> ApiKey | KeyRefusal | None:
     """The caller's key, valid at `now` (epoch seconds; default: the clock); a `KeyRefusal` for a
     key the policy knows but refuses at `now`; None without a key, or with one the policy does not
@@ -70,6 +98,8 @@ def identify(headers: Mapping[str, str], policy: Policy, now: float | None = Non
     raw = presented_key(headers)
     if raw is None:
         return None
+    if policy.identity.jwt and _JWT.fullmatch(raw):
+        return None  # a token, not a key: only Envoy's verification makes it an identity
     entry = policy.key_entries.get(hash_key(raw))
     if entry is None:
         return None
@@ -87,3 +117,80 @@ def identify(headers: Mapping[str, str], policy: Policy, now: float | None = Non
 
 def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+def verified_claims(metadata: Mapping[str, Struct], policy: Policy) -> tuple[JwtProvider, Struct] | None:
+    """The provider and payload of the token Envoy verified for this request, if any (from the
+    request's forwarded dynamic metadata, by namespace)."""
+    verified = metadata.get(JWT_NAMESPACE)
+    if verified is None:
+        return None
+    for provider in policy.identity.jwt:
+        value = verified.fields.get(provider.name)
+        if value is not None and value.WhichOneof("kind") == "struct_value":
+            return provider, value.struct_value
+    return None
+
+
+def identify_jwt(provider: JwtProvider, claims: Struct, policy: Policy) -> ApiKey | ClaimRefusal:
+    """The principal of a verified token: its tenant (and project, team) from the provider's claims."""
+    sub = _claim(claims, "sub") or ""
+    key_id = jwt_key_id(provider.name, sub)
+    tenant_name = _claim(claims, provider.tenant_claim)
+    if tenant_name is None:
+        return ClaimRefusal(
+            f"The token has no '{provider.tenant_claim}' claim naming a tenant.", "missing_claim", key_id)
+    tenant = policy.tenants.get(tenant_name)
+    if tenant is None:
+        return ClaimRefusal(
+            f"The token's '{provider.tenant_claim}' claim names no tenant of this gateway: '{_shown(tenant_name)}'.",
+            "unknown_tenant", key_id)
+    project_name = _claim(claims, provider.project_claim) if provider.project_claim else None
+    if project_name is None:
+        project_name = provider.default_project
+    if project_name is None:
+        return ClaimRefusal(
+            f"The token has no '{provider.project_claim}' claim naming a project.", "missing_claim", key_id)
+    project = tenant.projects.get(project_name)
+    if project is None:
+        what = f"'{provider.project_claim}' claim" if provider.project_claim else "provider's default_project"
+        return ClaimRefusal(
+            f"The token's {what} names no project of tenant '{tenant.name}': '{_shown(project_name)}'.",
+            "unknown_project", key_id)
+    team = _claim(claims, provider.team_claim) if provider.team_claim else None
+    if team is not None and team not in project.teams:
+        return ClaimRefusal(
+            f"The token's '{provider.team_claim}' claim names no team of project '{tenant.name}.{project.name}': "
+            f"'{_shown(team)}'.", "unknown_team", key_id)
+    limits = provider.subjects.get(sub, _NO_LIMITS)
+    return ApiKey(key_id=key_id, sha256="", tenant=tenant.name, project=project.name, team=team, limits=limits)
+
+
+_NO_LIMITS = Limits()
+
+
+def jwt_key_id(provider: str, sub: str) -> str:
+    """`jwt:<provider>:<sub>`, at most 128 printable characters: a longer or unprintable subject is
+    shortened with a digest of it, so that two subjects never share an id."""
+    key_id = f"jwt:{provider}:{sub}"
+    if len(key_id) <= _KEY_ID_MAX and _PRINTABLE.fullmatch(sub):
+        return key_id
+    digest = hashlib.sha256(sub.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    head = "".join(c if "!" <= c <= "~" else "?" for c in sub)
+    return f"jwt:{provider}:{head}"[: _KEY_ID_MAX - 17] + "~" + digest
+
+
+def _claim(claims: Struct, name: str) -> str | None:
+    value: Value | None = claims.fields.get(name)
+    if value is None:
+        return None
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value or None
+    if kind == "number_value" and value.number_value.is_integer():
+        return str(int(value.number_value))
+    return None
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 64 else text[:64] + "..."

@@ -23,6 +23,7 @@ from enum import Enum, auto
 from typing import Protocol
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf.struct_pb2 import Struct
 
 from extproc.apis import ApiSchema, BadRequest, RequestInfo, api_for_path
 from extproc.apis._request import bound_output
@@ -30,12 +31,12 @@ from extproc.audit import AuditLog, EnforcementKind, enforcement
 from extproc.limiter.types import Decision as LimiterDecision
 from extproc.limiter.types import Limiter, PoolCeiling, Reservation
 from extproc.metering.usage import Usage
-from extproc.policy.model import Action, ApiKey, Mode, OverCap, Policy
+from extproc.policy.model import Action, ApiKey, JwtProvider, Mode, OverCap, Policy
 from extproc.records.record import API_LABELS, Limit, RecordSink, UsageRecord
 from extproc.service import responses as R
 from extproc.service.admission import ScopePath, output_limit, pool_ceilings, reservation_tokens, scope_path
 from extproc.service.errors import error_body
-from extproc.service.identity import KeyRefusal, identify
+from extproc.service.identity import ClaimRefusal, KeyRefusal, identify, identify_jwt, verified_claims
 from extproc.service.inflight import Inflight
 from extproc.service.metadata import ATTRIBUTE_HEADERS as _ATTRIBUTE_HEADERS
 from extproc.service.metadata import (
@@ -220,11 +221,13 @@ class StreamProcessor:
                 envoy_id = headers.get("x-request-id")
                 if envoy_id:
                     self.ctx.by_envoy_id.add(envoy_id, self.s.request_id)
-                return await self._admit_headers(headers, end_of_stream=False, body=req.request_body)
+                return await self._admit_headers(headers, end_of_stream=False, body=req.request_body,
+                                                 verified=self._verified_jwt(req))
             return await self._on_request_body(req.request_body)
         if which == "request_headers":
             msg = req.request_headers
-            return await self._admit_headers(_headers(msg), end_of_stream=msg.end_of_stream)
+            return await self._admit_headers(_headers(msg), end_of_stream=msg.end_of_stream,
+                                             verified=self._verified_jwt(req))
         # Not sent by the generated configuration: answer without effect.
         if which == "request_trailers":
             return pb.ProcessingResponse(request_trailers=pb.TrailersResponse())
@@ -236,15 +239,23 @@ class StreamProcessor:
 
     # -- identity --------------------------------------------------------------------------
 
+    def _verified_jwt(self, req: pb.ProcessingRequest) -> tuple[JwtProvider, Struct] | None:
+        """The token Envoy verified (its jwt_authn metadata), only where the policy names issuers."""
+        if not self.s.policy.identity.jwt:
+            return None
+        return verified_claims(req.metadata_context.filter_metadata, self.s.policy)
+
     async def _admit_headers(
-        self, headers: Mapping[str, str], *, end_of_stream: bool, body: pb.HttpBody | None = None
+        self, headers: Mapping[str, str], *, end_of_stream: bool, body: pb.HttpBody | None = None,
+        verified: tuple[JwtProvider, Struct] | None = None,
     ) -> pb.ProcessingResponse:
         """The caller's identity and attribution. With `body` (the usual case), the body's admission
         follows in the same reply."""
         s = self.s
         s.path = headers.get(":path", "")
         now = time.time()
-        found = identify(headers, s.policy, now)
+        # A verified token identifies the caller (Envoy removed it from the request); else the API key.
+        found = identify(headers, s.policy, now) if verified is None else identify_jwt(*verified, s.policy)
         s.record = UsageRecord(
             request_id=s.request_id,
             time=now,
@@ -252,6 +263,10 @@ class StreamProcessor:
             policy_version=s.policy.version,
             path=s.path.split("?", 1)[0],
         )
+        if isinstance(found, ClaimRefusal):  # a valid token for no tenant/project of this policy
+            s.record.key_id = found.key_id
+            return self._refuse(403, found.message, type_="permission_error", code=found.code,
+                                decision=Decision.REFUSED)
         if found is None:
             return self._refuse(
                 401,
@@ -268,7 +283,8 @@ class StreamProcessor:
             return self._refuse(
                 403, found.message, type_="permission_error", code=found.code, decision=Decision.REFUSED)
         s.phase = Phase.IDENTIFIED
-        s.scopes = self.ctx.scopes(key, s.policy)
+        # a token's principal is not cached by key id: its tenant comes from each token's claims
+        s.scopes = self.ctx.scopes(key, s.policy) if verified is None else scope_path(key, s.policy)
         api = s.api = api_for_path(s.path)
         if api is not None and not end_of_stream:
             if body is not None:

@@ -26,6 +26,14 @@ from extproc.records.record import UsageRecord
 Tally = Counter[tuple[str | bool, ...]]
 
 OTHER = "other"
+
+
+def key_label(key_id: str) -> str:
+    """A key id as a metric label: the policy's keys by id; every principal of a JWT provider
+    ("jwt:<provider>:<sub>", one per person) as "jwt:<provider>", so the set stays bounded."""
+    if key_id.startswith("jwt:"):
+        return key_id[: key_id.find(":", 4)] if key_id.find(":", 4) > 0 else key_id
+    return key_id
 _DECISION = ("tenant", "project", "key_id", "allowed", "degraded", "pool")
 _ALERT = ("tenant", "scope")
 _REFUSAL = ("tenant", "reason")
@@ -56,7 +64,7 @@ class Telemetry:
             m.create_observable_counter(name, [_reporter(tally, attributes)], unit=unit, description=description)
 
     def decision(self, key: ApiKey, decision: Decision) -> None:
-        self.decisions[(key.tenant, key.project, key.key_id, decision.allowed, decision.degraded,
+        self.decisions[(key.tenant, key.project, key_label(key.key_id), decision.allowed, decision.degraded,
                         decision.pool or "")] += 1
         for scope in decision.alerts:
             self.alerts[(key.tenant, scope)] += 1
@@ -68,7 +76,7 @@ class Telemetry:
         # A model name is the client's choice: as a label it is one of the policy's models or
         # "other", so no client can grow the label set (tenant, project, key, pool come from the policy).
         model = rec.model if rec.model in self.models else OTHER
-        base = (rec.tenant or "", rec.project or "", rec.key_id or "", model, rec.pool or "",
+        base = (rec.tenant or "", rec.project or "", key_label(rec.key_id or ""), model, rec.pool or "",
                 rec.usage_source == "estimated")
         self.tokens[(*base, "input")] += rec.prompt_tokens
         self.tokens[(*base, "output")] += rec.completion_tokens

@@ -61,3 +61,10 @@ def test_a_scrape_sees_cumulative_decisions_tokens_and_refusals_by_attribute_set
     t.usage(record(1, 1))
     again = {(a["gen_ai.token.type"], a["estimated"]): v for a, v in scrape(reader)["gen_ai.client.token.usage"]}
     assert again[("output", False)] == 28  # cumulative, not per scrape
+
+
+def test_jwt_principals_share_one_key_label_per_provider() -> None:
+    from extproc.service.telemetry import key_label
+
+    assert key_label("jwt:corp_idp:alice") == key_label("jwt:corp_idp:bob") == "jwt:corp_idp"
+    assert key_label("acme-web") == "acme-web"
