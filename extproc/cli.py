@@ -43,6 +43,7 @@ def _serve(args: argparse.Namespace) -> int:
         listen=args.listen,
         redis=args.redis,
         redis_deadline_ms=args.redis_deadline_ms,
+        redis_max_wait_ms=args.redis_max_wait_ms,
         redis_failure_mode=FailureMode(args.redis_failure_mode),
         usage_log=args.usage_log,
         grace_seconds=args.grace,
@@ -126,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--redis", default=None, help="redis://host:port/db (default: in-memory limiter)")
     s.add_argument("--redis-deadline-ms", type=_positive_int, default=50,
                    help="how long one admission may wait for Redis before the failure mode decides (default 50)")
+    s.add_argument("--redis-max-wait-ms", type=_positive_int, default=300,
+                   help="how long an admission waits for a Redis that answers while this processor is busy "
+                   "(then 503; never a local admission on top of a healthy Redis; default 300, below Envoy's "
+                   "500 ms message timeout)")
     s.add_argument("--redis-failure-mode", choices=[m.value for m in FailureMode], default=FailureMode.FAIL_OPEN.value,
                    help="when Redis is down or misses the deadline: fail_open admits under a local per-replica "
                    "limiter (marked degraded), fail_closed answers 503 (default fail_open)")

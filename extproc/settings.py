@@ -24,7 +24,11 @@ class Settings:
     policy: str
     listen: str = "127.0.0.1:50051"
     redis: str | None = None  # None: the in-memory limiter (one process, tests and demos)
-    redis_deadline_ms: int = 50
+    redis_deadline_ms: int = 50  # Redis silent this long: unreachable or stalled (the failure mode decides)
+    # Redis answering but this (busy) processor not yet through reading the reply: wait up to this
+    # long, then refuse with 503 (never a local admission on top of a healthy Redis). Below Envoy's
+    # 500 ms message timeout for the admission call.
+    redis_max_wait_ms: int = 300
     redis_failure_mode: FailureMode = FailureMode.FAIL_OPEN
     usage_log: str = "var/usage.jsonl"
     grace_seconds: float = 10.0

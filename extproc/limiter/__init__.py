@@ -17,7 +17,7 @@ from extproc.limiter.types import (
 )
 
 # Options that only the Redis backend understands; the in-memory limiter ignores them.
-_REDIS_ONLY = frozenset({"deadline_ms", "on_failure", "replicas_hint"})
+_REDIS_ONLY = frozenset({"deadline_ms", "on_failure", "replicas_hint", "max_wait_ms"})
 
 
 def limiter_from_url(url: str | None, **kw: Any) -> Limiter:

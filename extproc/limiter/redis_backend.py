@@ -2,13 +2,19 @@
 
 Admission path (``reserve``):
   * one EVALSHA of ``reserve.lua`` (SCRIPT LOAD on first use / on NOSCRIPT, then one retry);
-  * redis-py with retries disabled and socket timeouts = the deadline; the whole call is wrapped in
-    ``asyncio.timeout(deadline_ms)``, so a hung Redis costs one deadline, not redis-py's ~4 s of retries;
+  * the deadline (``deadline_ms``) is one of Redis's *silence*, not of latency (``_Watch``): an admission
+    gives up on Redis only when Redis has sent nothing for a whole deadline since the command went out
+    (and the check was not itself delayed by a blocked event loop). A busy processor whose event loop
+    has not yet read a prompt answer keeps waiting, up to ``max_wait_ms`` after the call began; if even
+    that is not enough it refuses (``denied_kind="backend"``, ``busy_refusals``) and never decides
+    locally: a healthy Redis never turns into degraded admissions;
+  * redis-py (TLS, Cluster) with retries disabled (its retries turned a hung Redis into ~4 s stalls);
   * a circuit breaker opens after ``breaker_threshold`` consecutive failures and sends one probe after
     ``breaker_cooldown_s``; while it is open nothing waits on Redis at all;
-  * on failure: ``fail_open`` decides with a per-replica ``InMemoryLimiter`` (every limit divided by
-    ``replicas_hint``, rounded up) and returns ``degraded=True``; ``fail_closed`` refuses with
-    ``denied_kind="backend"``.
+  * on failure (refused connection, silent Redis): ``fail_open`` decides with a per-replica
+    ``InMemoryLimiter`` (every limit divided by ``replicas_hint``, rounded up; its windows persist for
+    the process's life, so a flapping breaker never grants a fresh share) and returns ``degraded=True``;
+    ``fail_closed`` refuses with ``denied_kind="backend"``.
 
 Settlement path (``settle``): an in-process bounded queue drained by one background task that pipelines
 ``settle.lua`` calls in batches on its own connection pool. On failure the batch stays at the head of the
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -78,6 +85,135 @@ _BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, Timeout
 
 # tokens/min and requests/min share one window (one ZSET per scope), so their lengths must match
 assert TOKENS_WINDOW_S == REQUESTS_MINUTE_WINDOW_S
+
+# Envoy's ext_proc message_timeout for the admission message is 0.5 s (extproc/envoy/config.py): an
+# admission that waits on a Redis that answers, with a busy event loop, gives up at 300 ms so the
+# processor still answers (a 503) before Envoy does (a 504), with ~200 ms for the rest of the message.
+DEFAULT_MAX_WAIT_MS = 300.0
+
+
+class RedisStalled(TimeoutError):
+    """Redis sent nothing for a whole deadline while an admission waited for it."""
+
+
+class ProcessorBusy(Exception):
+    """The admission's reply was not read by ``max_wait``, and Redis cannot be called stalled: it kept
+    answering (``redis_answered``), or the event loop was too blocked to tell."""
+
+    def __init__(self, redis_answered: bool) -> None:
+        super().__init__("redis answers" if redis_answered else "event loop too busy to tell")
+        self.redis_answered = redis_answered
+
+
+class _Watch:
+    """When one admission call stops waiting for Redis: one timer, first at the deadline, that resolves
+    the awaited future (a reply future: with an exception; a task: cancelled) only when
+
+    * Redis has shown no sign of life for a whole deadline — ``heard()`` is the newest evidence that it
+      answers, and the command's own send time counts as the start — at three checks in a row, 1 ms
+      apart (the later ones run after the event loop has polled its sockets): ``RedisStalled``;
+    * or ``max_wait`` has passed since the admission began: ``RedisStalled`` if Redis has been silent
+      for the deadline while the loop could have seen it, else ``ProcessorBusy``.
+
+    ``exact``: ``heard()`` sees bytes that wait unread in the socket (the pipelined connection), so a
+    blocked event loop cannot hide an answer. Otherwise (redis-py: only answers the loop has processed
+    are seen) the loop's own lag is taken out of the deadline: a check that runs late (by more than
+    ``max(5 ms, deadline / 10)``) shows the loop was blocked, and the silence counts again from there.
+    A saturated loop thus waits until ``max_wait``, where it refuses (``ProcessorBusy``) rather than
+    call Redis stalled and decide locally.
+
+    Otherwise (Redis answers and this reply is not read yet) it looks again a deadline after the last
+    sign of life. A future already done is never touched: a reply that arrived counts however late
+    the loop gets to it (``asyncio.timeout`` threw such replies away when its timer fired in the same
+    loop iteration as the reply was read).
+    """
+
+    __slots__ = ("_cap_at", "_deadline", "_due", "_fut", "_handle", "_heard", "_lag_limit", "_loop", "_sent",
+                 "_silent", "_trusted_from", "verdict")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        fut: asyncio.Future[Any],
+        heard: Callable[[], float],
+        sent: float,
+        cap_at: float,
+        deadline: float,
+        exact: bool,
+    ) -> None:
+        self._loop = loop
+        self._fut = fut
+        self._heard = heard
+        self._sent = sent  # silence counts from here at the earliest
+        self._cap_at = cap_at
+        self._deadline = deadline
+        self._lag_limit = float("inf") if exact else max(0.005, deadline / 10)
+        self._trusted_from = sent  # the loop was last seen blocked here (inexact watches)
+        self._silent = 0  # consecutive checks that found Redis silent for the deadline
+        self.verdict: RedisStalled | ProcessorBusy | None = None
+        self._arm(sent + deadline, sent)
+
+    def _arm(self, due: float, now: float) -> None:
+        self._due = due = min(due, self._cap_at)
+        self._handle = self._loop.call_later(max(0.0, due - now), self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+    def _check(self) -> None:
+        fut = self._fut
+        if fut.done():
+            return
+        now = time.monotonic()
+        if now - self._due > self._lag_limit:  # the loop was blocked: what came meanwhile may be unread
+            self._trusted_from = now
+        heard = max(self._heard(), self._sent)
+        quiet_since = max(heard, self._trusted_from)
+        verdict: RedisStalled | ProcessorBusy
+        if now >= self._cap_at - 0.001:  # (uvloop rounds timers to the millisecond)
+            if now - heard < self._deadline:
+                verdict = ProcessorBusy(redis_answered=True)
+            elif now - quiet_since < self._deadline:
+                verdict = ProcessorBusy(redis_answered=False)
+            else:
+                verdict = RedisStalled()
+        elif now - quiet_since < self._deadline:
+            self._silent = 0
+            self._arm(quiet_since + self._deadline, now)
+            return
+        else:
+            self._silent += 1
+            if self._silent < 3:
+                self._arm(now + 0.001, now)
+                return
+            verdict = RedisStalled()
+        self.verdict = verdict
+        if isinstance(fut, asyncio.Task):
+            fut.cancel()
+        else:
+            fut.set_exception(verdict)
+
+
+class _Waiting:
+    """A redis-py admission in progress (TLS, Cluster): the node its current call waits on and when that
+    call was sent, the time each node of the admission client last answered (shared by the limiter's
+    admissions), and whether the tenant's call was answered (cluster: what to undo if a later one fails)."""
+
+    __slots__ = ("answered", "node", "sent", "tenant_done")
+
+    def __init__(self, answered: dict[str, float]) -> None:
+        self.answered = answered
+        self.node = ""
+        self.sent: float | None = None
+        self.tenant_done = False
+
+    def heard(self) -> float:
+        """The sign of life of the node this admission waits on: its last answer to any admission, or
+        the current call's send (silence counts from there); now while nothing is sent yet (a loop too
+        busy to start the task is not Redis's silence)."""
+        if self.sent is None:
+            return time.monotonic()
+        return max(self.answered.get(self.node, self.sent), self.sent)
 
 
 class _Script:
@@ -176,6 +312,15 @@ class CircuitBreaker:
         self._open_until = 0.0
         self._probe_since: float | None = None
         self.opened = 0  # times it opened (a counter for telemetry)
+        # told when the circuit opens or closes (the audit trail: extproc.service.server wires it)
+        self.on_change: Callable[[str, str], None] | None = None
+
+    def _notify(self, state: str, reason: str) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change(state, reason)
+            except Exception:  # an observer never changes what the breaker decides
+                log.exception("circuit breaker observer failed")
 
     @property
     def state(self) -> str:
@@ -197,6 +342,7 @@ class CircuitBreaker:
     def success(self) -> None:
         if self._failures >= self.threshold:
             log.warning("redis limiter: circuit closed, Redis answers again")
+            self._notify("closed", "Redis answers again")
         self._failures = 0
         self._probe_since = None
 
@@ -207,6 +353,7 @@ class CircuitBreaker:
             if self._failures == self.threshold:
                 self.opened += 1
                 log.warning("redis limiter: circuit open after %d consecutive failures", self._failures)
+                self._notify("open", f"{self._failures} consecutive failures")
             self._open_until = self._clock() + self.cooldown
 
 
@@ -228,6 +375,7 @@ class RedisLimiter:
         deadline_ms: float = 50,
         on_failure: str = "fail_open",
         replicas_hint: int = 1,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         window_scale: float = 1.0,
         breaker_threshold: int = 3,
         breaker_cooldown_s: float = 1.0,
@@ -251,10 +399,15 @@ class RedisLimiter:
         self._fast_bg = None if isinstance(background, RedisCluster) else fast_background
         self.cluster = isinstance(admission, RedisCluster)
         self._deadline_s = deadline_ms / 1000.0
+        self._max_wait_s = max(max_wait_ms, deadline_ms) / 1000.0
         self.on_failure: str = on_failure
         self.replicas_hint = replicas_hint
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
+        # The fail-open limiter: made once, so its windows (what this replica admitted without Redis)
+        # persist across every opening of the breaker; a flapping breaker never grants a fresh share.
         self.local = InMemoryLimiter(limit_divisor=replicas_hint, window_scale=window_scale)
+        # redis-py admissions (TLS, Cluster): when each node last answered the admission client
+        self._answered: dict[str, float] = {}
         self._w_min_s = max(1, round(TOKENS_WINDOW_S * 1000 * window_scale)) / 1000.0
         w_hour = max(1, round(REQUESTS_HOUR_WINDOW_S * 1000 * window_scale))
         self._header_args = (
@@ -270,7 +423,9 @@ class RedisLimiter:
         self.fail_open_decisions = 0
         self.fail_closed_decisions = 0
         self.round_trips = 0  # admission round trips (EVALSHA, SCRIPT LOAD)
-        self.backend_errors = 0  # admission calls that failed or missed the deadline
+        self.backend_errors = 0  # admission calls that failed (refused, lost, Redis silent for the deadline)
+        self.late_answers = 0  # admissions answered by Redis after the deadline (a busy processor waited)
+        self.busy_refusals = 0  # refused at max_wait although Redis was answering (never decided locally)
         self.settled = 0  # settlements delivered to Redis (found or not)
         self.settle_dropped = 0  # refused because the queue was full
         self.settle_errors = 0  # rejected by Redis with a script/data error (not retried)
@@ -304,19 +459,23 @@ class RedisLimiter:
         deadline_ms: float = 50,
         on_failure: str = "fail_open",
         replicas_hint: int = 1,
+        max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
         **kw: Any,
     ) -> RedisLimiter:
         """``redis://host:port/db`` (or ``rediss://``, ``unix://``), or ``redis+cluster://host:port`` for a
-        Redis Cluster (any node). No I/O happens here. Two connection pools: admission (timeouts = the
-        deadline) and settlement (timeouts >= 1 s); on a single node (plain ``redis://`` or ``unix://``)
-        the admission EVALSHA itself goes over one pipelined connection (extproc.limiter.resp;
-        ``fast=False`` keeps redis-py for it)."""
+        Redis Cluster (any node). No I/O happens here. Two connection pools: admission (socket timeouts =
+        ``max_wait_ms``; the deadline itself is the limiter's own, see ``_Watch``) and settlement (timeouts
+        >= 1 s); on a single node (plain ``redis://`` or ``unix://``) the admission EVALSHA itself goes
+        over one pipelined connection (extproc.limiter.resp; ``fast=False`` keeps redis-py for it)."""
         deadline_s = deadline_ms / 1000.0
-        admission = redis_client(url, timeout_s=deadline_s)
+        admission = redis_client(url, timeout_s=max(max_wait_ms, deadline_ms) / 1000.0)
         background = redis_client(url, timeout_s=max(1.0, deadline_s))
         fast = fast_bg = None
-        if not url.startswith(CLUSTER_SCHEME) and kw.pop("fast", True):
-            fast = PipelinedRedis.from_url(url, connect_timeout_s=deadline_s)
+        use_fast = kw.pop("fast", True)
+        if use_fast and not url.startswith(CLUSTER_SCHEME):
+            # connecting is bounded by max_wait too: a busy loop may take longer than a deadline to see
+            # even a prompt handshake (a refused connection fails at once either way)
+            fast = PipelinedRedis.from_url(url, connect_timeout_s=max(max_wait_ms, deadline_ms) / 1000.0)
             fast_bg = PipelinedRedis.from_url(url, connect_timeout_s=max(1.0, deadline_s))
         return cls(
             admission,
@@ -326,6 +485,7 @@ class RedisLimiter:
             deadline_ms=deadline_ms,
             on_failure=on_failure,
             replicas_hint=replicas_hint,
+            max_wait_ms=max_wait_ms,
             **kw,
         )
 
@@ -349,22 +509,56 @@ class RedisLimiter:
                 self._ready.add(id(client))
 
     async def _evalsha(
-        self, client: Client, script: _Script, keys: Sequence[str], args: Sequence[str | int], count: bool
+        self,
+        client: Client,
+        script: _Script,
+        keys: Sequence[str],
+        args: Sequence[str | int],
+        count: bool,
+        waiting: _Waiting | None = None,
     ) -> Any:
         await self._initialized(client)
         fast = self._fast if client is self._adm else self._fast_bg if client is self._bg else None
         if fast is not None:
             return await self._evalsha_packed(fast, script, pack(("EVALSHA", script.sha, len(keys), *keys, *args)),
                                               count)
+        if waiting is not None:
+            waiting.node = self._node_of(client, keys[0])
         try:
             if count:
                 self.round_trips += 1
-            return await _command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self._command(client, waiting, "EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
             if count:
                 self.round_trips += 2
-            await _command(client, "SCRIPT LOAD", script.source)
-            return await _command(client, "EVALSHA", script.sha, len(keys), *keys, *args)
+            await self._command(client, waiting, "SCRIPT LOAD", script.source)
+            return await self._command(client, waiting, "EVALSHA", script.sha, len(keys), *keys, *args)
+
+    @staticmethod
+    def _node_of(client: Client, key: str) -> str:
+        """The node a key's command goes to ("" on a single node, or when the topology does not say)."""
+        if not isinstance(client, RedisCluster):
+            return ""
+        try:
+            node = client.get_node_from_key(key)
+        except RedisError:
+            return ""
+        return "" if node is None else str(node.name)
+
+    async def _command(self, client: Client, waiting: _Waiting | None, *args: Any) -> Any:
+        """A redis-py command. For an admission, any answer (a reply or an error reply) is a sign of life
+        of its node, which the watch of every admission waiting on that node looks for."""
+        if waiting is not None:
+            waiting.sent = time.monotonic()
+        try:
+            reply = await _command(client, *args)
+        except ResponseError:
+            if waiting is not None:
+                self._answered[waiting.node] = time.monotonic()
+            raise
+        if waiting is not None:
+            self._answered[waiting.node] = time.monotonic()
+        return reply
 
     async def _evalsha_packed(self, fast: PipelinedRedis, script: _Script, payload: bytes, count: bool) -> Any:
         """An EVALSHA already packed (pack, Template.fill) over a pipelined connection."""
@@ -432,6 +626,7 @@ class RedisLimiter:
         return keys, args
 
     async def reserve(self, r: Reservation) -> Decision:
+        started = time.monotonic()
         fast = self._fast
         if fast is not None:
             payload = self._reserve_template(r).fill(
@@ -440,17 +635,22 @@ class RedisLimiter:
             keys, args = self.encode(r, pools=not self.cluster)
         if not self.breaker.allow():
             return self._degraded(r)
-        tenant_done = False
+        waiting = None if fast is not None else _Waiting(self._answered)
         try:
-            async with asyncio.timeout(self._deadline_s):
-                if fast is not None:
-                    raw = await self._evalsha_packed(fast, RESERVE, payload, True)
-                else:
-                    raw = await self._evalsha(self._adm, RESERVE, keys, args, True)
-                decision = decode_decision(raw, r.request_id)
-                tenant_done = True
-                if self.cluster and decision.allowed and r.pools:
-                    decision = await self._choose_pool_on_cluster(r, decision)
+            if fast is not None:
+                decision = decode_decision(await self._admit_fast(fast, payload, r, started), r.request_id)
+            else:
+                assert waiting is not None
+                decision = await self._admit_redis_py(r, keys, args, waiting, started)
+        except ProcessorBusy as busy:
+            # Redis answers (or a blocked loop cannot tell); this processor could not read the answer in
+            # time. Never a Redis failure and never a local decision: refuse, like fail_closed.
+            self.busy_refusals += 1
+            if busy.redis_answered:
+                self.breaker.success()
+            if waiting is not None:  # redis-py: the script may have run; undo it (fast: done on its reply)
+                self._enqueue((r.tenant, r.request_id, 0, "c"))
+            return Decision(allowed=False, retry_after_seconds=1.0, denied_kind=KIND_BACKEND, degraded=True)
         except _BACKEND_ERRORS as exc:
             self.backend_errors += 1
             self.breaker.failure()
@@ -458,7 +658,7 @@ class RedisLimiter:
             # A hung server executes what it was sent once it resumes: after a timeout the script may
             # still run, so what Redis may hold must be undone (cluster) or settled there too.
             timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
-            if self.cluster and (tenant_done or timed_out):
+            if self.cluster and waiting is not None and (waiting.tenant_done or timed_out):
                 # the tenant's shard (and maybe a pool's) reserved before a later call failed
                 self._enqueue((r.tenant, r.request_id, 0, "c"))
             decision = self._degraded(r)
@@ -468,6 +668,67 @@ class RedisLimiter:
                     del self._maybe_on_redis[next(iter(self._maybe_on_redis))]
             return decision
         self.breaker.success()
+        if time.monotonic() - started > self._deadline_s:
+            self.late_answers += 1
+        return decision
+
+    async def _admit_fast(self, fast: PipelinedRedis, payload: bytes, r: Reservation, started: float) -> Any:
+        """reserve.lua over the pipelined connection, each round trip under a ``_Watch``."""
+        self.round_trips += 1
+        try:
+            return await self._watched(fast, payload, r, started)
+        except NoScriptError:
+            self.round_trips += 2
+            await self._watched(fast, pack(("SCRIPT", "LOAD", RESERVE.source)), None, started)
+            return await self._watched(fast, payload, r, started)
+
+    async def _watched(self, fast: PipelinedRedis, payload: bytes, r: Reservation | None, started: float) -> Any:
+        proto = fast.live() or await fast.connection()
+        since = time.monotonic()
+        fut = proto.send(payload)
+        watch = _Watch(asyncio.get_running_loop(), fut, proto.heard_at, since, started + self._max_wait_s,
+                       self._deadline_s, exact=True)
+        try:
+            return await fut
+        except ProcessorBusy:
+            if r is not None:  # the script will run (Redis answers): take back what it reserves
+                proto.on_late_reply(fut, functools.partial(self._undo_late, r.tenant, r.request_id))
+            raise
+        except (RedisStalled, asyncio.CancelledError):
+            fast.gave_up(proto)
+            raise
+        finally:
+            watch.cancel()
+
+    def _undo_late(self, tenant: str, request_id: str, reply: Any) -> None:
+        """The late reply of an admission refused at max_wait (or the loss of its connection)."""
+        if isinstance(reply, BaseException) or (isinstance(reply, list) and reply and int(reply[0]) == 1):
+            self._enqueue((tenant, request_id, 0, "c"))
+
+    async def _admit_redis_py(
+        self, r: Reservation, keys: list[str], args: list[str], waiting: _Waiting, started: float
+    ) -> Decision:
+        """redis-py (TLS, Cluster): the whole admission in one task under one ``_Watch``. redis-py's
+        connections do not show their unread bytes, so the sign of life is the latest answer of the node
+        the admission waits on, to any admission of this limiter."""
+        task = asyncio.ensure_future(self._admit_calls(r, keys, args, waiting))
+        watch = _Watch(asyncio.get_running_loop(), task, waiting.heard, started, started + self._max_wait_s,
+                       self._deadline_s, exact=False)
+        try:
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if watch.verdict is None or (current is not None and current.cancelling()):
+                raise
+            raise watch.verdict from None
+        finally:
+            watch.cancel()
+
+    async def _admit_calls(self, r: Reservation, keys: list[str], args: list[str], waiting: _Waiting) -> Decision:
+        decision = decode_decision(await self._evalsha(self._adm, RESERVE, keys, args, True, waiting), r.request_id)
+        waiting.tenant_done = True
+        if self.cluster and decision.allowed and r.pools:
+            decision = await self._choose_pool_on_cluster(r, decision, waiting)
         return decision
 
     def _reserve_template(self, r: Reservation) -> Template:
@@ -486,7 +747,7 @@ class RedisLimiter:
             )
         return template
 
-    async def _choose_pool_on_cluster(self, r: Reservation, admitted: Decision) -> Decision:
+    async def _choose_pool_on_cluster(self, r: Reservation, admitted: Decision, waiting: _Waiting) -> Decision:
         """Cluster mode, after the tenant's shard admitted: the first pool with room, one call each."""
         cost = str(max(0, int(r.tokens)))
         wait = -1.0
@@ -495,13 +756,13 @@ class RedisLimiter:
                 return dataclasses.replace(admitted, pool=p.name)
             keys = [pool_reservation_key(p.name, r.tenant, r.request_id), pool_key(p.name)]
             args = [r.request_id, cost, *self._header_args, "0", "1", "", p.name, str(p.tokens_per_minute)]
-            d = decode_decision(await self._evalsha(self._adm, RESERVE, keys, args, True), r.request_id)
+            d = decode_decision(await self._evalsha(self._adm, RESERVE, keys, args, True, waiting), r.request_id)
             if d.allowed:
                 return dataclasses.replace(admitted, pool=p.name)
             if d.denied_kind == KIND_POOL and (wait < 0 or d.retry_after_seconds < wait):
                 wait = d.retry_after_seconds
         # no pool has room: give the tenant's reservation back, as if it had never been made
-        await self._evalsha(self._adm, SETTLE, [reservation_key(r.tenant, r.request_id)], [0, "c"], True)
+        await self._evalsha(self._adm, SETTLE, [reservation_key(r.tenant, r.request_id)], [0, "c"], True, waiting)
         return Decision(
             allowed=False,
             retry_after_seconds=max(0.0, wait),

@@ -6,11 +6,16 @@ one command shape on one connection, so this client writes pre-packed commands s
 asyncio transport and matches replies to waiting futures in order (pipelining: concurrent callers
 share the connection). Replies are parsed by hiredis, as with redis-py.
 
-Failure behaviour, as the limiter expects: a caller's deadline (asyncio.timeout around the call)
-cancels only its own future; a late reply for it is read and dropped, so the connection stays in
-step. A lost connection fails every waiting call with ConnectionError and the next call reconnects.
+Failure behaviour, as the limiter expects: a caller's deadline (asyncio.timeout around the call, or
+the limiter's own watch resolving the future) ends only its own future; a late reply for it is read
+and dropped (or handed to a hook the caller left, `_Protocol.on_late_reply`), so the connection stays
+in step. A lost connection fails every waiting call with ConnectionError and the next call reconnects.
 Error replies raise redis-py's exceptions (NoScriptError for NOSCRIPT), so the caller's handling
 is the same for both clients.
+
+Liveness (`_Protocol.heard_at`): the time the connection last received bytes, or now if bytes are
+waiting in the socket that the event loop has not read yet. The limiter uses it to tell a silent
+Redis from a busy event loop that has not got round to reading a prompt answer.
 
 Only plain TCP (``redis://``) and Unix sockets (``unix://``) URLs with an optional password and db;
 anything else (TLS, cluster, other options) keeps redis-py (`PipelinedRedis.from_url` returns None).
@@ -19,9 +24,12 @@ anything else (TLS, cluster, other options) keeps redis-py (`PipelinedRedis.from
 from __future__ import annotations
 
 import asyncio
+import logging
+import select
 import socket
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -77,6 +85,20 @@ def _error(reply: hiredis.ReplyError) -> ResponseError:
     return ResponseError(text)
 
 
+log = logging.getLogger(__name__)
+
+_POLL_IN = select.POLLIN
+_POLL_BAD = select.POLLERR | select.POLLHUP | select.POLLNVAL
+
+
+def _call(hook: Callable[[Any], None], reply: Any) -> None:
+    """A late-reply hook must not break the reading of the replies that follow."""
+    try:
+        hook(reply)
+    except Exception:
+        log.exception("late-reply hook failed")
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self._reader = hiredis.Reader()
@@ -84,11 +106,45 @@ class _Protocol(asyncio.Protocol):
         self.pending: deque[tuple[asyncio.Future[Any], float]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
+        self.last_read = float("-inf")  # time.monotonic() of the last bytes read from the server
+        # futures given up by their callers whose late reply (or the connection's loss) someone wants
+        self._late: dict[asyncio.Future[Any], Callable[[Any], None]] = {}
+        self._poll: select.poll | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not an asyncio.Transport subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                poll = select.poll()
+                poll.register(sock.fileno(), _POLL_IN)
+                self._poll = poll
+            except (OSError, ValueError):
+                self._poll = None
+
+    def heard_at(self) -> float:
+        """When the server last showed it answers on this connection: now if bytes are waiting in
+        the socket (a busy event loop has not read them yet), else when bytes were last read."""
+        poll = self._poll
+        if poll is not None and not self.lost:
+            try:
+                ready = poll.poll(0)
+            except OSError:
+                ready = []
+            if ready and ready[0][1] & _POLL_IN and not ready[0][1] & _POLL_BAD:
+                return time.monotonic()
+        return self.last_read
+
+    def on_late_reply(self, fut: asyncio.Future[Any], hook: Callable[[Any], None]) -> None:
+        """`fut` was given up (it is done); call `hook` with its reply when that arrives (a hiredis
+        ReplyError for an error reply), or with the exception if the connection is lost first."""
+        if self.lost:
+            _call(hook, RedisConnectionError("redis connection lost"))
+        else:
+            self._late[fut] = hook
 
     def data_received(self, data: bytes) -> None:
+        self.last_read = time.monotonic()
         self._reader.feed(data)
         while True:
             reply = self._reader.gets()
@@ -100,7 +156,11 @@ class _Protocol(asyncio.Protocol):
                     self.transport.close()
                 return
             fut, _ = self.pending.popleft()
-            if fut.done():  # its caller gave up (deadline): drop the late reply
+            if fut.done():  # its caller gave up (deadline): drop the late reply, or hand it on
+                if self._late:
+                    hook = self._late.pop(fut, None)
+                    if hook is not None:
+                        _call(hook, reply)
                 continue
             if isinstance(reply, hiredis.ReplyError):
                 fut.set_exception(_error(reply))
@@ -116,6 +176,9 @@ class _Protocol(asyncio.Protocol):
             fut, _ = self.pending.popleft()
             if not fut.done():
                 fut.set_exception(exc)
+        late, self._late = self._late, {}
+        for hook in late.values():
+            _call(hook, exc)
 
     def oldest_wait_s(self) -> float:
         return time.monotonic() - self.pending[0][1] if self.pending else 0.0
@@ -203,10 +266,20 @@ class PipelinedRedis:
         try:
             return await proto.send(payload)
         except asyncio.CancelledError:
-            self._check_stalled(proto)
+            self.gave_up(proto)
             raise
 
-    def _check_stalled(self, proto: _Protocol) -> None:
+    def live(self) -> _Protocol | None:
+        """The open connection, if there is one (no await on the hot path)."""
+        proto = self._proto
+        return None if proto is None or proto.lost else proto
+
+    async def connection(self) -> _Protocol:
+        """The open connection (connecting if needed, within `connect_timeout_s`): a caller that
+        waits on `_Protocol.send`'s future itself must call `gave_up` when it stops waiting early."""
+        return await self._connection()
+
+    def gave_up(self, proto: _Protocol) -> None:
         """A caller gave up (its deadline). If the oldest command on the connection has waited
         longer than `stall_s`, the connection is dead without having said so (a silently dropped
         NAT/LB flow, a vanished host): drop it rather than queue behind it until TCP gives up."""
@@ -224,7 +297,7 @@ class PipelinedRedis:
         try:
             results = await asyncio.gather(*futures, return_exceptions=True)
         except asyncio.CancelledError:
-            self._check_stalled(proto)
+            self.gave_up(proto)
             raise
         for r in results:
             if isinstance(r, RedisConnectionError | OSError | asyncio.CancelledError):

@@ -474,7 +474,8 @@ class StreamProcessor:
             self._audit(EnforcementKind.REFUSED_BACKEND, None, "backend")
             return self._refuse(
                 503,
-                "Quota service unavailable; the policy fails closed. Retry shortly.",
+                "The quota service could not decide in time (unavailable, or this gateway is busy). "
+                "Retry shortly.",
                 type_="api_error",
                 code="quota_service_unavailable",
                 decision=Decision.REFUSED_BACKEND,

@@ -19,7 +19,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from extproc.audit import AuditLog
+from extproc.audit import AuditLog, BreakerState
+from extproc.audit import breaker as audit_breaker
 from extproc.limiter import limiter_from_url
 from extproc.policy import PolicyStore
 from extproc.records.sink import JsonlSink
@@ -149,9 +150,13 @@ async def serve(opts: ServeOptions) -> None:
     limiter = limiter_from_url(
         opts.redis,
         deadline_ms=opts.redis_deadline_ms,
+        max_wait_ms=opts.redis_max_wait_ms,
         on_failure=str(opts.redis_failure_mode),
         replicas_hint=opts.replicas_hint,
     )
+    breaker = getattr(limiter, "breaker", None)
+    if audit is not None and breaker is not None:  # the circuit opening and closing go to the audit trail
+        breaker.on_change = lambda state, why: audit.record(audit_breaker(BreakerState(state), why))
     start = getattr(limiter, "start", None)
     if start is not None:
         try:

@@ -78,3 +78,25 @@ def test_fail_closed_policy_answers_503_while_redis_is_down(fail_closed: Stack) 
     assert reply.status == 503
     assert reply.json()["error"]["code"] == "quota_service_unavailable"
     assert int(reply.headers["retry-after"]) >= 1
+
+
+def test_the_circuit_opening_and_closing_is_in_the_audit_trail(tmp_path: Path) -> None:
+    audit = tmp_path / "audit.jsonl"
+    opts = StackOptions(policy=E2E_POLICY, run_dir=tmp_path / "run",
+                        processor_extra=("--redis-failure-mode", "fail_open", "--audit-log", str(audit)))
+    with Stack(opts) as s:
+        assert s.redis is not None
+        assert chat(s.base_url, BASIC).status == 200
+        s.redis.stop()
+        for _ in range(5):  # consecutive failures open the circuit
+            assert chat(s.base_url, BASIC, max_tokens=2).status == 200
+        s.redis.restart()
+        deadline = time.monotonic() + 10
+        while '"closed"' not in (audit.read_text() if audit.exists() else ""):
+            assert time.monotonic() < deadline, "the circuit never closed in the audit trail"
+            chat(s.base_url, BASIC, max_tokens=2)
+            time.sleep(0.2)
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    states = [e.get("state") for e in events if e["type"] == "breaker"]
+    assert states[:2] == ["open", "closed"]
+    assert any(e["type"] == "enforcement" and e.get("kind") == "degraded_admission" for e in events)

@@ -212,3 +212,40 @@ async def test_a_flushed_script_cache_is_reloaded_on_the_next_admission(own_redi
     finally:
         await lim.aclose()
         await client.aclose()
+
+
+async def test_fail_open_admits_at_most_one_limit_per_window_on_top_of_redis_however_often_the_breaker_opens(
+    own_redis: RedisProcess,
+) -> None:
+    """The bound of extproc/limiter/README.md ("Failure behaviour"): each replica's fail-open limiter
+    admits at most ceil(L / replicas_hint) per window, and keeps that window across breaker openings,
+    so N = replicas_hint replicas add at most N * ceil(L / N) (= L here) to what Redis holds, even
+    when the breaker opens and closes again and again inside one window."""
+    n, limit = 3, 900
+    tight = ScopeLimit("key:tight", tokens_per_minute=limit)
+    replicas = [limiter(own_redis.url, replicas_hint=n, breaker_threshold=1, breaker_cooldown_s=0.1)
+                for _ in range(n)]
+    degraded = [0] * n
+    try:
+        # Redis holds a full window first
+        assert (await replicas[0].reserve(reservation("full", limit, tight))).allowed
+        for rnd in range(3):
+            own_redis.stop()
+            for i, lim in enumerate(replicas):
+                for j in range(40):  # 400 tokens asked per replica per round; its share is 300
+                    d = await lim.reserve(reservation(f"{rnd}-{i}-{j}", 10, tight))
+                    assert d.degraded
+                    degraded[i] += 10 if d.allowed else 0
+                assert lim.breaker.state == "open"
+            own_redis.restart()
+            await asyncio.sleep(0.15)  # past the cooldown: the next call is the probe, and closes it
+            for i, lim in enumerate(replicas):
+                assert not (await lim.reserve(reservation(f"probe-{rnd}-{i}", 1, tight))).degraded
+                assert lim.breaker.state == "closed"
+        assert [lim.breaker.opened for lim in replicas] == [3] * n
+        share = -(-limit // n)
+        assert degraded == [share] * n  # the first opening used the share, the later ones got nothing
+        assert sum(degraded) == limit
+    finally:
+        for lim in replicas:
+            await lim.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -150,3 +151,51 @@ async def test_a_refused_password_leaks_no_connection(own_redis: RedisProcess) -
     finally:
         await wrong.aclose()
         await admin.aclose()
+
+
+async def test_heard_at_counts_an_answer_waiting_unread_in_the_socket(own_redis: RedisProcess) -> None:
+    """The limiter's sign of life: the last bytes read, or now while the server's answer waits in the
+    socket for an event loop too busy to read it; a silent server leaves it where it was."""
+    c = client(own_redis.url)
+    try:
+        assert await c.call("PING") == b"PONG"
+        proto = await c.connection()
+        read = proto.heard_at()
+        assert read == proto.last_read and time.monotonic() - read < 0.5
+        fut = proto.send(pack(("ECHO", "unread")))
+        time.sleep(0.05)  # noqa: ASYNC251 (a blocked loop: the answer is in the socket, not read)
+        assert not fut.done() and proto.heard_at() > read + 0.04
+        assert await fut == b"unread"
+        own_redis.pause()
+        try:
+            fut = proto.send(pack(("PING",)))
+            time.sleep(0.05)  # noqa: ASYNC251
+            assert proto.heard_at() == proto.last_read  # nothing came
+        finally:
+            own_redis.resume()
+        assert await fut == b"PONG"
+    finally:
+        await c.aclose()
+
+
+async def test_a_given_up_call_can_leave_a_hook_for_its_late_reply_or_the_connection_loss(
+    own_redis: RedisProcess,
+) -> None:
+    c = client(own_redis.url)
+    got: list[object] = []
+    try:
+        proto = await c.connection()
+        own_redis.pause()
+        fut = proto.send(pack(("ECHO", "late")))
+        fut.cancel()  # its caller gave up
+        proto.on_late_reply(fut, got.append)
+        own_redis.resume()
+        assert await c.call("ECHO", "next") == b"next"  # the late reply went to the hook, not to this call
+        assert got == [b"late"]
+        fut = proto.send(pack(("DEBUG", "SLEEP", "0.2")))
+        fut.cancel()
+        proto.on_late_reply(fut, got.append)
+        proto.abort()
+        assert isinstance(got[1], RedisConnectionError)
+    finally:
+        await c.aclose()
