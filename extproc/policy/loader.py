@@ -73,7 +73,7 @@ _LIMIT_INT_KEYS = (
 _LIMIT_KEYS = (*_LIMIT_INT_KEYS, "quota_period", "action")
 _REQUEST_KEYS = ("max_body_bytes", "default_max_tokens", "max_tokens_cap", "over_cap")
 _POOL_KEYS = ("name", "tokens_per_minute", "endpoints", "reports_usage")
-_TENANT_KEYS = ("limits", "projects")
+_TENANT_KEYS = ("limits", "projects", "mode")
 _PROJECT_KEYS = ("limits", "teams")
 _TEAM_KEYS = ("limits",)
 _APIKEY_KEYS = (
@@ -466,7 +466,8 @@ def _tenant(name: str, node: Node, where: str) -> Tenant:
     if projects_node is not None:
         pm = _map_node(projects_node, f"{where}.projects", None)
         projects = {p: _project(p, f.value, f"{pm.where}.{p}") for p, f in pm.fields.items()}
-    return Tenant(name=name, limits=_limits(m.get("limits"), m.sub("limits")), projects=projects)
+    mode = _optional_enum(m, "mode", Mode, Mode.ENFORCE) if m.get("mode") is not None else None
+    return Tenant(name=name, limits=_limits(m.get("limits"), m.sub("limits")), projects=projects, mode=mode)
 
 
 def _project(name: str, node: Node, where: str) -> Project:

@@ -68,6 +68,7 @@ class Tenant:
     name: str
     limits: Limits = field(default_factory=Limits)
     projects: Mapping[str, Project] = field(default_factory=dict)
+    mode: Mode | None = None  # shadow for this tenant alone (None: the policy's mode)
 
 
 @dataclass(frozen=True)

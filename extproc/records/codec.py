@@ -113,6 +113,7 @@ def record_from_facts(f: apb.AdmissionFacts, decision: Decision) -> UsageRecord:
         alerts=tuple(f.alerts),
         degraded=f.degraded,
         api=API_LABELS.get(f.api),
+        decided_by=Limit(f.shadow_scope, None, f.shadow_action or None) if f.shadow_scope else None,
     )
 
 
@@ -149,6 +150,6 @@ def record_from_proto(msg: upb.UsageRecord) -> UsageRecord:
         currency=msg.currency or None,
         price_version=msg.price_version or None,
         price_missing=msg.price_missing,
-        decided_by=decided_by,
+        decided_by=decided_by or rec.decided_by,
         replica=msg.replica or None,
     )

@@ -12,6 +12,7 @@ from extproc.policy.model import Action, ApiKey, Limits, Mode, Policy
 class ScopePath:
     scopes: tuple[ScopeLimit, ...]
     actions: dict[str, Action]  # scope name -> the action when it is over its limit
+    mode: Mode = Mode.ENFORCE  # the key's tenant's mode, else the policy's: shadow never refuses
 
 
 def _scope(name: str, limits: Limits, mode: Mode) -> ScopeLimit:
@@ -35,6 +36,7 @@ def scope_path(key: ApiKey, policy: Policy) -> ScopePath:
     """
     levels: list[tuple[str, Limits]] = []
     tenant = policy.tenants[key.tenant]
+    mode = tenant.mode or policy.mode  # a tenant can be in shadow mode alone
     levels.append((f"tenant:{tenant.name}", tenant.limits))
     project = tenant.projects[key.project]
     levels.append((f"project:{tenant.name}/{project.name}", project.limits))
@@ -42,9 +44,9 @@ def scope_path(key: ApiKey, policy: Policy) -> ScopePath:
         team = project.teams[key.team]
         levels.append((f"team:{tenant.name}/{project.name}/{team.name}", team.limits))
     levels.append((f"key:{key.key_id}", key.limits))
-    scopes = tuple(_scope(name, limits, policy.mode) for name, limits in levels if not limits.empty)
+    scopes = tuple(_scope(name, limits, mode) for name, limits in levels if not limits.empty)
     actions = {name: limits.action for name, limits in levels}
-    return ScopePath(scopes=scopes, actions=actions)
+    return ScopePath(scopes=scopes, actions=actions, mode=mode)
 
 
 def pool_ceilings(policy: Policy) -> tuple[PoolCeiling, ...]:

@@ -454,7 +454,8 @@ class StreamProcessor:
     def _admitted_decision(self, decision: LimiterDecision) -> Decision:
         if not decision.alerts:
             return Decision.ADMITTED
-        if self.s.policy.mode is Mode.ENFORCE:
+        mode = self.s.scopes.mode if self.s.scopes is not None else self.s.policy.mode
+        if mode is Mode.ENFORCE:
             return Decision.ALERT
         if self.s.record is not None and self.s.scopes is not None:  # what enforce mode would have done
             self.s.record.decided_by = Limit.strictest(decision.alerts, self.s.scopes.actions)

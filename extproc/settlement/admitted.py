@@ -43,6 +43,8 @@ class Admitted:
             decision=codec.decision_value(r.decision),  # type: ignore[arg-type]
             alerts=r.alerts, degraded=r.degraded, usage_injected=usage_injected,
         )
+        if r.decided_by is not None:  # shadow: what enforce mode would have done
+            facts.shadow_scope, facts.shadow_action = r.decided_by.scope, r.decided_by.action or ""
         facts.admitted_at.FromNanoseconds(int(r.time * 1e9))
         return facts
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -214,6 +216,24 @@ def test_shadow_mode_meters_and_records_but_never_refuses(tmp_path: Path) -> Non
         decisions = [wait_record(s.usage_log, r.headers["x-tokenmeter-request-id"])["decision"] for r in replies]
         assert decisions == ["admitted"] * 3 + ["shadow"] * 2
         assert chat(s.base_url, "sk-unknown").status == 401  # identity is still enforced
+
+
+def test_one_tenant_in_shadow_mode_is_metered_but_never_refused_while_others_are_enforced(tmp_path: Path) -> None:
+    policy = tmp_path / "tenant-shadow.yaml"
+    text = E2E_POLICY.read_text()
+    policy.write_text(text.replace("  globex:\n", "  globex:\n    mode: shadow\n", 1))
+    assert policy.read_text() != text
+    with Stack(StackOptions(policy=policy, run_dir=tmp_path / "run")) as s:
+        replies = [chat(s.base_url, "e2e-rpm-key", max_tokens=3) for _ in range(5)]  # globex, 3 per minute
+        assert [r.status for r in replies] == [200] * 5
+        recs = [wait_record(s.usage_log, r.headers["x-tokenmeter-request-id"]) for r in replies]
+        assert [r["decision"] for r in recs] == ["admitted"] * 3 + ["shadow"] * 2
+        assert recs[-1]["decided_by"]["scope"] == "key:e2e-rpm"  # what enforce mode would have done
+        report = subprocess.run([str(Path(sys.executable).parent / "tokenmeter"), "usage", "report", "--by", "tenant",
+                                 "--format", "json", "--usage-log", str(s.usage_log)],
+                                capture_output=True, text=True, timeout=30)
+        globex = next(row for row in json.loads(report.stdout)["rows"] if row["tenant"] == "globex")
+        assert globex["shadow"] == 2 and globex["would_throttle"] == 2
 
 
 def test_replicas_settle_each_others_requests_and_stop_without_waiting_out_the_grace(

@@ -96,3 +96,18 @@ def test_ratelimit_headers_follow_openai_names_and_durations() -> None:
     assert headers["x-ratelimit-reset-requests"] == "250ms"
     assert retry_after(d) == "2"
     assert go_duration(0) == "0s"
+
+
+def test_a_tenant_in_shadow_mode_never_enforces_while_the_policy_does() -> None:
+    from pathlib import Path
+
+    from extproc.policy import Mode, parse_policy
+
+    text = (Path(__file__).parents[1] / "e2e" / "policy.yaml").read_text()
+    policy = parse_policy(text.replace("  globex:\n", "  globex:\n    mode: shadow\n", 1), "p.yaml")
+    globex = next(k for k in policy.keys_by_sha256.values() if k.tenant == "globex")
+    acme = next(k for k in policy.keys_by_sha256.values() if k.tenant == "acme")
+    assert policy.mode is Mode.ENFORCE
+    shadow, enforced = scope_path(globex, policy), scope_path(acme, policy)
+    assert shadow.mode is Mode.SHADOW and not any(s.enforce for s in shadow.scopes)
+    assert enforced.mode is Mode.ENFORCE and any(s.enforce for s in enforced.scopes)

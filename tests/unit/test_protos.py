@@ -47,6 +47,8 @@ def _full() -> pb.AdmissionFacts:
         alerts=["tenant:acme", "project:acme/web"],
         degraded=True,
         usage_injected=True,
+        shadow_scope="key:ci-bot",
+        shadow_action="throttle",
     )
 
 
