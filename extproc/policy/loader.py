@@ -61,7 +61,9 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _CONSTRUCTOR = SafeConstructor()
 
-_TOP_KEYS = ("version", "mode", "request", "redis", "models", "pools", "tenants", "keys", "prices", "identity")
+_TOP_KEYS = (
+    "version", "mode", "request", "redis", "models", "aliases", "pools", "tenants", "keys", "prices", "identity"
+)
 _REQUIRED_TOP_KEYS = ("version", "tenants", "keys", "pools")
 _LIMIT_INT_KEYS = (
     "tokens_per_minute",
@@ -77,7 +79,8 @@ _TENANT_KEYS = ("limits", "projects", "mode")
 _PROJECT_KEYS = ("limits", "teams")
 _TEAM_KEYS = ("limits",)
 _APIKEY_KEYS = (
-    "id", "sha256", "tenant", "project", "team", "limits", "disabled", "reason", "not_before", "expires", "previous"
+    "id", "sha256", "tenant", "project", "team", "limits", "disabled", "reason", "not_before", "expires", "previous",
+    "models",
 )
 _PREVIOUS_KEYS = ("sha256", "valid_until")
 _REASON_MAX = 200
@@ -331,12 +334,14 @@ def _policy(root: Node, source: str) -> Policy:
     _redis(top.get("redis"))
     pools = _pools(top.require("pools"))
     tenants = _tenants(top.require("tenants"))
-    keys = _keys(top.require("keys"), tenants)
+    models = _models(top.get("models"))
+    aliases = _aliases(top.get("aliases"), models)
+    keys = _keys(top.require("keys"), tenants, _Models(models, aliases))
     prices = _prices(top.get("prices"), pools)
     identity = _identity(top.get("identity"), source)
     return Policy(
-        version, mode, request, pools, tenants, keys, source=source, models=_models(top.get("models")), prices=prices,
-        identity=identity,
+        version, mode, request, pools, tenants, keys, source=source, models=models, prices=prices,
+        identity=identity, aliases=aliases,
     )
 
 
@@ -351,6 +356,60 @@ def _models(node: Node | None) -> frozenset[str]:
         if len(name) > 256:
             raise _Invalid(item, f"model name is {len(name)} characters; at most 256")
     return frozenset(names)
+
+
+@dataclass(frozen=True)
+class _Models:
+    """What a key's `models` allow-list is checked against: the served models and the aliases."""
+
+    served: frozenset[str]  # empty: the policy lists none (any name goes)
+    aliases: Mapping[str, str]
+
+
+def _aliases(node: Node | None, models: frozenset[str]) -> dict[str, str]:
+    """`aliases`: client model name -> the canonical model it stands for (one of `models`, when the
+    policy lists them). An alias is not itself a served model, nor another alias's target."""
+    if node is None:
+        return {}
+    fields = _model_names(node, "aliases", "models")
+    out: dict[str, str] = {}
+    for name, f in fields.items():
+        target = _string(f.value, f"aliases.{name}")
+        if len(target) > 256:
+            raise _Invalid(f.value, f"aliases.{name}: model name is {len(target)} characters; at most 256")
+        if name in models:
+            raise _Invalid(f.key, f"alias '{name}' is a model listed under models: an alias names another model")
+        if models and target not in models:
+            raise _Invalid(f.value, f"alias '{name}' names '{target}', which is not listed under models")
+        if target == name:
+            raise _Invalid(f.value, f"alias '{name}' names itself")
+        out[name] = target
+    for name, f in fields.items():
+        if out[name] in out:
+            raise _Invalid(f.value, f"alias '{name}' names '{out[name]}', which is itself an alias; name the model")
+    return out
+
+
+def _key_models(node: Node, where: str, key_id: str, known: _Models) -> frozenset[str]:
+    """A key's allow-list: the canonical models it may ask for (aliases resolved)."""
+    if not isinstance(node, SequenceNode) or not node.value:
+        raise _Invalid(
+            node, f"key '{key_id}': {where} must be a non-empty list of model names (omit it to allow every model), "
+            f"got {_kind(node)}")
+    out: set[str] = set()
+    lines: dict[str, int] = {}
+    for item in node.value:
+        name = _string(item, f"{where}[]")
+        if len(name) > 256:
+            raise _Invalid(item, f"key '{key_id}': model name is {len(name)} characters; at most 256")
+        if name in lines:
+            raise _Invalid(item, f"key '{key_id}': duplicate model '{name}' in {where} (first at line {lines[name]})")
+        lines[name] = _line(item)
+        canonical = known.aliases.get(name, name)
+        if known.served and canonical not in known.served:
+            raise _Invalid(item, f"key '{key_id}': model '{name}' in {where} is not listed under models")
+        out.add(canonical)
+    return frozenset(out)
 
 
 def _request(node: Node | None) -> RequestRules:
@@ -495,7 +554,7 @@ def _body(node: Node, where: str, allowed: Iterable[str]) -> _Map:
 # -- API keys ---------------------------------------------------------------------------
 
 
-def _keys(node: Node, tenants: Mapping[str, Tenant]) -> dict[str, ApiKey]:
+def _keys(node: Node, tenants: Mapping[str, Tenant], models: _Models) -> dict[str, ApiKey]:
     if not isinstance(node, SequenceNode):
         raise _Invalid(node, f"keys must be a list, got {_kind(node)}")
     by_sha: dict[str, ApiKey] = {}
@@ -509,7 +568,7 @@ def _keys(node: Node, tenants: Mapping[str, Tenant]) -> dict[str, ApiKey]:
         if key_id in id_lines:
             raise _Invalid(id_node, f"duplicate key id '{key_id}' (first at line {id_lines[key_id]})")
         id_lines[key_id] = _line(id_node)
-        key = _api_key(m, key_id, tenants, digests)
+        key = _api_key(m, key_id, tenants, digests, models)
         by_sha[key.sha256] = key
     return by_sha
 
@@ -527,7 +586,7 @@ def _claim_digest(
 
 
 def _api_key(
-    m: _Map, key_id: str, tenants: Mapping[str, Tenant], digests: dict[str, tuple[str, int]]
+    m: _Map, key_id: str, tenants: Mapping[str, Tenant], digests: dict[str, tuple[str, int]], models: _Models
 ) -> ApiKey:
     tenant_node, project_node, team_node = m.require("tenant"), m.require("project"), m.get("team")
     tenant = _name(tenant_node, m.sub("tenant"))
@@ -553,6 +612,7 @@ def _api_key(
     previous = _previous(previous_node, m.sub("previous"), key_id) if previous_node is not None else []
     for prev, prev_node in previous:
         _claim_digest(digests, prev.sha256, key_id, prev_node, "duplicate previous sha256")
+    models_node = m.get("models")
     return ApiKey(
         key_id=key_id,
         sha256=sha,
@@ -565,6 +625,7 @@ def _api_key(
         not_before=not_before,
         expires=expires,
         previous=tuple(prev for prev, _ in previous),
+        models=_key_models(models_node, m.sub("models"), key_id, models) if models_node is not None else None,
     )
 
 
@@ -665,11 +726,11 @@ def _prices(node: Node | None, pools: tuple[Pool, ...]) -> PriceCatalog | None:
     return PriceCatalog(version=version, currency=currency, models=models, default=default)
 
 
-def _model_names(node: Node, where: str) -> dict[str, _Field]:
+def _model_names(node: Node, where: str, of: str = "prices") -> dict[str, _Field]:
     """A mapping keyed by model names: any non-empty string of at most 256 characters (model names
     carry '/' and ':'), each once."""
     if not isinstance(node, MappingNode):
-        raise _Invalid(node, f"{where} must be a mapping of model names to prices, got {_kind(node)}")
+        raise _Invalid(node, f"{where} must be a mapping of model names to {of}, got {_kind(node)}")
     fields: dict[str, _Field] = {}
     for key_node, value_node in node.value:
         name = _key_text(key_node, where, names=False)

@@ -93,6 +93,9 @@ class ApiKey:
     not_before: float | None = None  # epoch seconds; None: valid from the start
     expires: float | None = None  # epoch seconds; None: never expires
     previous: tuple[PreviousDigest, ...] = ()  # rotated-out digests within their grace period
+    # the canonical models this key may ask for (aliases resolved at load); None: any model. Any
+    # other model is refused with 403 model_not_allowed.
+    models: frozenset[str] | None = None
 
     def entries(self) -> tuple[tuple[str, KeyEntry], ...]:
         """Every digest that names this key, with the time window in which it is valid."""
@@ -180,6 +183,9 @@ class Policy:
     prices: PriceCatalog | None = None
     # JWT issuers (`identity.jwt`): verified by Envoy, mapped onto tenants by the processor
     identity: Identity = field(default_factory=Identity)
+    # client model name -> the canonical model it stands for (`aliases`): what the record, the
+    # metric labels, a key's allow-list and the forwarded body use
+    aliases: Mapping[str, str] = field(default_factory=dict)
     # every digest that names a key (its current one and those of its grace periods after a
     # rotation), derived from keys_by_sha256
     key_entries: Mapping[str, KeyEntry] = field(init=False, repr=False, compare=False)
@@ -194,3 +200,7 @@ class Policy:
         """The key a digest names (a current or a rotated-out one), whatever its lifecycle state."""
         entry = self.key_entries.get(digest)
         return entry.key if entry is not None else None
+
+    def canonical_model(self, name: str) -> str:
+        """The model `name` stands for: its alias target, or the name itself (one dict lookup)."""
+        return self.aliases.get(name, name)

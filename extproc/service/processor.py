@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol
 
+import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.struct_pb2 import Struct
 
@@ -383,8 +384,15 @@ class StreamProcessor:
         except BadRequest as exc:
             return self._bad_request(exc)
         s.info = info
-        s.record.model, s.record.stream = _bounded(info.model), info.stream
+        # the operator's aliases name the model the servers serve: the record, the metric labels, the
+        # key's allow-list and the forwarded body all use that canonical name
+        model = s.policy.canonical_model(info.model)
+        s.record.model, s.record.stream = _bounded(model), info.stream
         s.record.api = API_LABELS.get(api.api)
+        if s.key.models is not None and model not in s.key.models:
+            return self._refuse(
+                403, f"The model '{_bounded(info.model)}' is not allowed for key '{s.key.key_id}'.",
+                type_="invalid_request_error", code="model_not_allowed", decision=Decision.REFUSED, param="model")
         rules = s.policy.request
         asked = info.max_output_tokens
         if asked is not None and asked > rules.max_tokens_cap and api.output_keys and rules.over_cap is OverCap.REFUSE:
@@ -398,12 +406,16 @@ class StreamProcessor:
         refusal = self._refusal_for(decision)
         if refusal is not None:
             return refusal
+        # An alias is forwarded as the model it stands for (the servers serve canonical names); the
+        # later edits work on that body.
+        renamed = _with_model(body, model) if model != info.model else None
+        body = renamed or body
         bounded = bound_output(body, api.output_keys, asked, limit)
         # Ask the server for stream usage on the client's behalf, unless its pool reports none anyway
         # (there the processor meters the response: extproc.service.meter_stream).
         inject = info.wants_usage_injection and decision.pool not in self.ctx.counted_pools(s.policy)
         injected = api.inject_stream_usage(bounded or body) if inject else None
-        new_body = injected or bounded
+        new_body = injected or bounded or renamed
         s.record.decision = self._admitted_decision(decision)
         admitted = Admitted(s.record, api=api, prompt_estimate=info.prompt_tokens_estimate)
         # The route sets the attribution headers from this metadata (Envoy applies no header
@@ -569,6 +581,13 @@ _UNMETERED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 def _bounded(text: str, limit: int = 256) -> str:
     """A client-chosen string bounded before it becomes a record field or travels in metadata."""
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _with_model(body: bytes, model: str) -> bytes:
+    """`body` (one `parse_request` accepted: a JSON object) naming `model` instead."""
+    obj = orjson.loads(body)
+    obj["model"] = model
+    return orjson.dumps(obj)
 
 
 def _denial_text(decision: LimiterDecision) -> str:
