@@ -135,6 +135,11 @@ def policy_changes(old: Policy | None, new: Policy) -> dict[str, Any]:
         if request:
             out["request_changed"] = request
         _names(out, "models_added", new.models - old.models)
+        old_aliases, new_aliases = getattr(old, "aliases", {}), getattr(new, "aliases", {})
+        if old_aliases != new_aliases:  # which client names now mean which model
+            _mapping(out, "aliases_changed", {
+                bounded(a): [old_aliases.get(a), new_aliases.get(a)]
+                for a in sorted(set(old_aliases) | set(new_aliases)) if old_aliases.get(a) != new_aliases.get(a)})
         _names(out, "models_removed", old.models - new.models)
         # the price catalog (if the policy has one): changed -> its versions before and after
         old_prices, new_prices = getattr(old, "prices", None), getattr(new, "prices", None)
@@ -210,7 +215,7 @@ def _key_changes(out: dict[str, Any], old: Policy, new: Policy) -> None:
             rotated.append(key_id)  # the digest itself is never recorded
         if (a.tenant, a.project, a.team) != (b.tenant, b.project, b.team):
             moved[bounded(key_id)] = [_owner(a.tenant, a.project, a.team), _owner(b.tenant, b.project, b.team)]
-        changed = {name: [getattr(a, name), getattr(b, name)] for name in _LIFECYCLE
+        changed = {name: [_plain(getattr(a, name)), _plain(getattr(b, name))] for name in _LIFECYCLE
                    if getattr(a, name) != getattr(b, name)}
         if changed:  # disabled or enabled, its validity window moved
             lifecycle[bounded(key_id)] = changed
@@ -219,7 +224,12 @@ def _key_changes(out: dict[str, Any], old: Policy, new: Policy) -> None:
     _mapping(out, "keys_lifecycle_changed", lifecycle)
 
 
-_LIFECYCLE = ("disabled", "disabled_reason", "not_before", "expires")
+_LIFECYCLE = ("disabled", "disabled_reason", "not_before", "expires", "models")
+
+
+def _plain(value: object) -> object:
+    """A value as JSON can hold it (a key's model allow-list is a set)."""
+    return sorted(value) if isinstance(value, frozenset | set) else value
 
 
 def _owner(tenant: str, project: str, team: str | None) -> str:

@@ -587,3 +587,15 @@ def test_a_key_disabled_or_given_an_expiry_is_in_the_change_summary() -> None:
     changes = policy_changes(old, parse_policy(edited, "edited.yaml"))
     assert changes["keys_lifecycle_changed"] == {
         "acme-batch": {"disabled": [False, True], "disabled_reason": [None, "unpaid invoice"]}}
+
+
+def test_aliases_and_a_keys_model_allow_list_are_in_the_change_summary() -> None:
+    text = EXAMPLE.read_text()
+    old = parse_policy(text, str(EXAMPLE))
+    entry = "  - id: acme-batch\n"
+    edited = text.replace(entry, entry + "    models: [llama-3.1-8b]\n", 1).replace(
+        "\npools:", '\naliases: {gpt-4o-mini: llama-3.1-8b}\npools:', 1)
+    changes = policy_changes(old, parse_policy(edited, "edited.yaml"))
+    assert changes["aliases_changed"] == {"gpt-4o-mini": [None, "llama-3.1-8b"]}
+    assert changes["keys_lifecycle_changed"] == {"acme-batch": {"models": [None, ["llama-3.1-8b"]]}}
+    orjson.dumps(changes)  # what the audit log writes
