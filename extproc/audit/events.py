@@ -202,6 +202,8 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value[:MAX_ITEMS]]
+    if isinstance(value, frozenset | set):  # a key's model allow-list
+        return [_plain(v) for v in sorted(value)[:MAX_ITEMS]]
     return bounded(value)
 
 
@@ -226,10 +228,6 @@ def _key_changes(out: dict[str, Any], old: Policy, new: Policy) -> None:
 
 _LIFECYCLE = ("disabled", "disabled_reason", "not_before", "expires", "models")
 
-
-def _plain(value: object) -> object:
-    """A value as JSON can hold it (a key's model allow-list is a set)."""
-    return sorted(value) if isinstance(value, frozenset | set) else value
 
 
 def _owner(tenant: str, project: str, team: str | None) -> str:
