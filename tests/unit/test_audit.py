@@ -29,6 +29,7 @@ from extproc.audit import (
 from extproc.audit.chain import encode_fields, encode_line
 from extproc.audit.events import MAX_STRING
 from extproc.policy import Policy, PolicyError, PolicyStore, hash_key, parse_policy
+from tests.unit.policy_files import small_policy, write_edit
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "example.yaml"
 
@@ -416,28 +417,10 @@ class _Sink:
 
 
 def _policy_text(version: str, tokens_per_minute: int = 100) -> str:
-    return f"""\
-version: "{version}"
-pools:
-  - name: only
-tenants:
-  acme:
-    projects:
-      chat: {{}}
-keys:
-  - id: web
-    sha256: "{hash_key('audit-raw')}"
-    tenant: acme
-    project: chat
-    limits: {{tokens_per_minute: {tokens_per_minute}}}
-"""
+    return small_policy(version, tokens_per_minute, raw_key="audit-raw")
 
 
-def _edit(path: Path, text: str) -> None:
-    before = path.stat().st_mtime_ns if path.exists() else 0
-    path.write_text(text)
-    mtime = max(path.stat().st_mtime_ns, before + 1_000_000_000)
-    os.utime(path, ns=(mtime, mtime))
+_edit = write_edit
 
 
 def test_the_store_records_every_load_and_every_refused_edit(tmp_path: Path) -> None:

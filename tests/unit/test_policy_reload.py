@@ -4,41 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from extproc.policy import Policy, PolicyError, PolicyStore, hash_key
+from tests.unit.policy_files import small_policy, write_edit
 
 KEY = hash_key("reload-raw")
 
 
 def _policy_text(version: str, tokens_per_minute: int = 100) -> str:
-    return f"""\
-version: "{version}"
-pools:
-  - name: only
-tenants:
-  acme:
-    projects:
-      chat: {{}}
-keys:
-  - id: web
-    sha256: "{KEY}"
-    tenant: acme
-    project: chat
-    limits: {{tokens_per_minute: {tokens_per_minute}}}
-"""
+    return small_policy(version, tokens_per_minute, raw_key="reload-raw")
 
 
-def _write(path: Path, text: str) -> None:
-    """Write and move the mtime forward, so an edit is seen even within one mtime tick."""
-    before = path.stat().st_mtime_ns if path.exists() else 0
-    path.write_text(text)
-    mtime = max(path.stat().st_mtime_ns, before + 1_000_000_000)
-    os.utime(path, ns=(mtime, mtime))
+_write = write_edit
 
 
 @pytest.fixture

@@ -21,26 +21,13 @@ import pytest
 import extproc.policy.watch as watch
 from extproc.policy import Policy, PolicyError, PolicyStore, hash_key
 from extproc.policy.loader import read_policy_text
+from tests.unit.policy_files import small_policy
 
 KEY = hash_key("reload-signals-raw")
 
 
 def _policy_text(version: str, tokens_per_minute: int = 100) -> str:
-    return f"""\
-version: "{version}"
-pools:
-  - name: only
-tenants:
-  acme:
-    projects:
-      chat: {{}}
-keys:
-  - id: web
-    sha256: "{KEY}"
-    tenant: acme
-    project: chat
-    limits: {{tokens_per_minute: {tokens_per_minute}}}
-"""
+    return small_policy(version, tokens_per_minute, raw_key="reload-signals-raw")
 
 
 def _limit(policy: Policy) -> int | None:
