@@ -76,7 +76,7 @@ def _ledger_recover(args: argparse.Namespace) -> int:
 def _envoy_config(args: argparse.Namespace) -> int:
     from extproc.envoy.config import run
 
-    return run(args, load_policy, PolicyError)
+    return run(args)
 
 
 def _report(args: argparse.Namespace) -> int:

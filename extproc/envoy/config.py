@@ -53,6 +53,7 @@ from extproc.policy.model import JwtProvider, Policy
 from extproc.service.identity import JWT_NAMESPACE, JWT_SHAPE
 from extproc.service.metadata import (
     ATTRIBUTE_HEADERS,
+    CREDENTIAL_HEADERS,
     H_KEY_ID,
     H_OUTPUT_LIMIT,
     H_POOL,
@@ -162,7 +163,6 @@ _ATTRIBUTION_METADATA = [
 _RATELIMIT_HEADERS = [
     f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")
 ]
-_CREDENTIAL_HEADERS = ["authorization", "x-api-key"]
 
 
 def strip_usage_script() -> str:
@@ -455,7 +455,7 @@ def virtual_host(policy: Policy) -> dict[str, Any]:
             }
             for header, key in _ATTRIBUTION_METADATA
         ],
-        "request_headers_to_remove": list(_CREDENTIAL_HEADERS),
+        "request_headers_to_remove": list(CREDENTIAL_HEADERS),
     }
 
 
@@ -784,14 +784,6 @@ def header_for(policy_arg: str, *, istio: bool) -> str:
     return _HEADER.format(policy=policy_arg, extra=" --istio" if istio else "")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from extproc.policy import PolicyError, load_policy
-
-    parser = argparse.ArgumentParser(prog="tokenmeter envoy-config", description=__doc__.split("\n", 1)[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv), load_policy, PolicyError)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", required=True, help="policy YAML file (its pools become clusters and routes)")
     parser.add_argument("--istio", action="store_true", help="render an Istio EnvoyFilter instead")
@@ -804,10 +796,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="-", help="file to write (default: stdout)")
 
 
-def run(args: argparse.Namespace, load_policy: Any, policy_error: type[Exception]) -> int:
+def run(args: argparse.Namespace) -> int:
+    """`tokenmeter envoy-config` (extproc.cli)."""
+    from extproc.policy import PolicyError, load_policy
+
     try:
         policy = load_policy(args.policy)
-    except policy_error as exc:
+    except PolicyError as exc:
         print(f"{exc}", file=sys.stderr)
         return 2
     try:

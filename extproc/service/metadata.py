@@ -11,6 +11,9 @@ H_KEY_ID = "x-tokenmeter-key-id"
 H_POOL = "x-tokenmeter-pool"
 H_REQUEST_ID = "x-tokenmeter-request-id"
 
+# The caller's credentials are the gateway's business, not the model server's: never forwarded.
+CREDENTIAL_HEADERS = ("authorization", "x-api-key")
+
 # The namespace Envoy's json_to_metadata / sse_to_metadata write counted usage to, and the name of
 # the gRPC access log whose entries settle requests.
 USAGE_NAMESPACE = "tokenmeter.usage"

@@ -26,7 +26,7 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.struct_pb2 import Struct
 
-from extproc.apis import ApiSchema, BadRequest, RequestInfo, api_for_path
+from extproc.apis import ApiSchema, BadRequest, api_for_path
 from extproc.apis._request import bound_output
 from extproc.audit import AuditLog, EnforcementKind, enforcement
 from extproc.limiter.types import Decision as LimiterDecision
@@ -41,6 +41,7 @@ from extproc.service.identity import ClaimRefusal, KeyRefusal, identify, identif
 from extproc.service.inflight import Inflight
 from extproc.service.metadata import ATTRIBUTE_HEADERS as _ATTRIBUTE_HEADERS
 from extproc.service.metadata import (
+    CREDENTIAL_HEADERS,
     H_KEY_ID,
     H_POOL,
     H_PROJECT,
@@ -60,8 +61,6 @@ from extproc.settlement.settle import Settlement
 
 log = logging.getLogger("tokenmeter.processor")
 
-# Credentials of the caller are the gateway's business, not the model server's.
-_CREDENTIAL_HEADERS = ("authorization", "x-api-key")
 
 
 class PolicySource(Protocol):
@@ -187,8 +186,6 @@ class RequestState:
     path: str = ""
     api: ApiSchema | None = None  # of the path (None: not a metered inference path)
     key: ApiKey | None = None
-    info: RequestInfo | None = None
-    decision: LimiterDecision | None = None
     record: UsageRecord | None = None
     scopes: ScopePath | None = None
 
@@ -306,13 +303,7 @@ class StreamProcessor:
         if headers.get(":method", "GET") not in _UNMETERED_METHODS:
             # Deny by default: a model server's other POST endpoints (score, rerank, pooling,
             # tokenize, ...) use the GPU too, and are not metered here.
-            return self._refuse(
-                404,
-                f"{s.record.path} is not an endpoint this gateway meters.",
-                type_="invalid_request_error",
-                code="unsupported_endpoint",
-                decision=Decision.UNSUPPORTED,
-            )
+            return self._unsupported()
         if carries_body:
             # Deny by default: a body on a path that is not metered (a GET /v1/models with a body, an
             # OPTIONS with one) is nothing a model server should get from this gateway.
@@ -347,7 +338,7 @@ class StreamProcessor:
     def _removed_headers(headers: Mapping[str, str], attribution: list[tuple[str, str]]) -> list[str]:
         set_names = {name for name, _ in attribution}
         remove = [h for h in headers if h.startswith(HEADER_PREFIX) and h not in set_names]
-        return remove + [h for h in _CREDENTIAL_HEADERS if h in headers]
+        return remove + [h for h in CREDENTIAL_HEADERS if h in headers]
 
     def _attribution_metadata(self, key: ApiKey) -> dict[str, R.MetadataValue]:
         s = self.s
@@ -375,15 +366,12 @@ class StreamProcessor:
                 decision=Decision.TOO_LARGE,
             )
         if s.api is None:  # a body on an unmetered path: only request headers come for those
-            return self._refuse(
-                404, f"{s.record.path} is not an endpoint this gateway meters.", type_="invalid_request_error",
-                code="unsupported_endpoint", decision=Decision.UNSUPPORTED)
+            return self._unsupported()
         api = s.api
         try:
             info = api.parse_request(body)
         except BadRequest as exc:
             return self._bad_request(exc)
-        s.info = info
         # the operator's aliases name the model the servers serve: the record, the metric labels, the
         # key's allow-list and the forwarded body all use that canonical name
         model = s.policy.canonical_model(info.model)
@@ -442,7 +430,6 @@ class StreamProcessor:
                 pools=self.ctx.pools(s.policy),
             )
         )
-        s.decision = decision
         if decision.allowed:
             s.record.reserved_tokens = tokens
             s.record.pool = decision.pool
@@ -535,6 +522,11 @@ class StreamProcessor:
         self.ctx.settlement.end(s.record, Ending.ABORTED, usage=Usage(0, 0), charge=charge)
 
     # -- refusals --------------------------------------------------------------------------
+
+    def _unsupported(self) -> pb.ProcessingResponse:
+        path = self.s.record.path if self.s.record is not None else ""
+        return self._refuse(404, f"{path} is not an endpoint this gateway meters.", type_="invalid_request_error",
+                            code="unsupported_endpoint", decision=Decision.UNSUPPORTED)
 
     def _bad_request(self, exc: BadRequest) -> pb.ProcessingResponse:
         return self._refuse(

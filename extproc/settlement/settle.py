@@ -83,9 +83,6 @@ class Settlement:
         self._ended: OrderedDict[str, None] = OrderedDict()
         self._remember = remember
 
-    def ended(self, request_id: str) -> bool:
-        return request_id in self._ended
-
     def end(
         self,
         rec: UsageRecord,
