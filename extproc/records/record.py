@@ -25,7 +25,13 @@ from extproc.metering.usage import Usage
 from extproc.protos.tokenmeter.v1 import admission_pb2
 from extproc.settlement.outcome import Decision, Ending
 
-__all__ = ["API_LABELS", "Limit", "RecordSink", "UsageRecord"]
+__all__ = ["API_LABELS", "Limit", "RecordSink", "UsageRecord", "bounded"]
+
+
+def bounded(text: str, limit: int = 256) -> str:
+    """A client-chosen string (a model name, a path) bounded before it becomes a record field or
+    travels in metadata."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 # The record's `api` labels ("openai_chat", "anthropic_messages", ...), by the tokenmeter.v1.Api
 # value they stand for (AdmissionFacts.api, ApiSchema.api): the enum value's name, lowercased,

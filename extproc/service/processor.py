@@ -33,7 +33,7 @@ from extproc.limiter.types import Decision as LimiterDecision
 from extproc.limiter.types import Limiter, PoolCeiling, Reservation
 from extproc.metering.usage import Usage
 from extproc.policy.model import Action, ApiKey, JwtProvider, Mode, OverCap, Policy
-from extproc.records.record import API_LABELS, Limit, RecordSink, UsageRecord
+from extproc.records.record import API_LABELS, Limit, RecordSink, UsageRecord, bounded
 from extproc.service import responses as R
 from extproc.service.admission import ScopePath, output_limit, pool_ceilings, reservation_tokens, scope_path
 from extproc.service.errors import error_body
@@ -375,11 +375,11 @@ class StreamProcessor:
         # the operator's aliases name the model the servers serve: the record, the metric labels, the
         # key's allow-list and the forwarded body all use that canonical name
         model = s.policy.canonical_model(info.model)
-        s.record.model, s.record.stream = _bounded(model), info.stream
+        s.record.model, s.record.stream = bounded(model), info.stream
         s.record.api = API_LABELS.get(api.api)
         if s.key.models is not None and model not in s.key.models:
             return self._refuse(
-                403, f"The model '{_bounded(info.model)}' is not allowed for key '{s.key.key_id}'.",
+                403, f"The model '{bounded(info.model)}' is not allowed for key '{s.key.key_id}'.",
                 type_="invalid_request_error", code="model_not_allowed", decision=Decision.REFUSED, param="model")
         rules = s.policy.request
         asked = info.max_output_tokens
@@ -398,12 +398,12 @@ class StreamProcessor:
         # later edits work on that body.
         renamed = _with_model(body, model) if model != info.model else None
         body = renamed or body
-        bounded = bound_output(body, api.output_keys, asked, limit)
+        capped = bound_output(body, api.output_keys, asked, limit)
         # Ask the server for stream usage on the client's behalf, unless its pool reports none anyway
         # (there the processor meters the response: extproc.service.meter_stream).
         inject = info.wants_usage_injection and decision.pool not in self.ctx.counted_pools(s.policy)
-        injected = api.inject_stream_usage(bounded or body) if inject else None
-        new_body = injected or bounded or renamed
+        injected = api.inject_stream_usage(capped or body) if inject else None
+        new_body = injected or capped or renamed
         s.record.decision = self._admitted_decision(decision)
         admitted = Admitted(s.record, api=api, prompt_estimate=info.prompt_tokens_estimate)
         # The route sets the attribution headers from this metadata (Envoy applies no header
@@ -568,11 +568,6 @@ class StreamProcessor:
 
 
 _UNMETERED_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def _bounded(text: str, limit: int = 256) -> str:
-    """A client-chosen string bounded before it becomes a record field or travels in metadata."""
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _with_model(body: bytes, model: str) -> bytes:

@@ -24,7 +24,8 @@ from google.protobuf import struct_pb2
 from extproc.metering.envoy_usage import response_model
 from extproc.metering.usage import Usage
 from extproc.policy.model import Policy
-from extproc.records.record import UsageRecord
+from extproc.records.ledger import parse_time
+from extproc.records.record import UsageRecord, bounded
 from extproc.service.inflight import Inflight
 from extproc.service.metadata import NAMESPACE, USAGE_NAMESPACE
 from extproc.service.meter_stream import COUNTED_MODEL, counted_usage
@@ -241,11 +242,6 @@ def _record_refusal(ctx: EndContext, end: RequestEnd) -> bool:
     return ctx.settlement.end(rec, Ending.REFUSED, status=end.status, duration_ms=end.duration_ms or 0.0)
 
 
-def bounded(text: str, limit: int = 256) -> str:
-    """A client-chosen string bounded before it becomes a record field."""
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
@@ -261,11 +257,10 @@ def _ms(props: alog.AccessLogCommon, field: str) -> float | None:
 
 
 def _iso_time(value: object) -> float | None:
+    """Envoy's %START_TIME% (ISO 8601, UTC), as unix seconds; None when it is not one."""
     if not isinstance(value, str):
         return None
-    from datetime import datetime
-
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        return parse_time(value)
     except ValueError:
         return None
