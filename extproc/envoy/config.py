@@ -244,7 +244,10 @@ def http_filters(deployment: Deployment, policy: Policy | None = None) -> list[d
     """The filter chain, in order (see the module docstring)."""
     rules = _usage_rules()
     jwt = policy.identity.jwt if policy is not None else ()
-    return [
+    # the response meter exists only where a pool needs it: elsewhere it would be one more filter
+    # instance per request, with every mode off
+    counted = policy is not None and any(not p.reports_usage for p in policy.pools)
+    chain = [
         {
             "name": "envoy.filters.http.compressor",
             "typed_config": {
@@ -315,9 +318,9 @@ def http_filters(deployment: Deployment, policy: Policy | None = None) -> list[d
             },
         },
         {
-            # The processor on the response path, only where counting needs it: on the routes of a
-            # pool whose servers report no usage (`reports_usage: false`), the route turns on
-            # STREAMED response bodies; everywhere else every mode is off and no stream is opened.
+            # The processor on the response path, only where counting needs it: rendered only when a
+            # pool's servers report no usage (`reports_usage: false`); that pool's routes turn on
+            # STREAMED response bodies, everywhere else every mode is off and no stream is opened.
             # It answers each chunk at once and writes its count to tokenmeter.usage at the end;
             # it never fails a response that was admitted (failure_mode_allow).
             "name": METER_FILTER,
@@ -370,6 +373,7 @@ def http_filters(deployment: Deployment, policy: Policy | None = None) -> list[d
             "typed_config": {"@type": f"{_T}.filters.http.router.v3.Router"},
         },
     ]
+    return [f for f in chain if counted or f["name"] != METER_FILTER]
 
 
 # -- routes --------------------------------------------------------------------------------

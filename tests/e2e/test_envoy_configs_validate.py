@@ -147,3 +147,14 @@ def test_a_bad_policy_is_reported_with_file_and_line(tmp_path: Path, flag: str |
     policy.write_text(THREE_POOLS.replace("tokens_per_minute: 5000", "tokens_per_minute: -5"))
     result = _cli("--policy", str(policy), *([flag] if flag else []))
     assert result.returncode == 2 and f"{policy}:" in result.stderr
+
+
+def test_the_response_meter_is_rendered_only_for_a_pool_that_reports_no_usage(tmp_path: Path) -> None:
+    shipped = [f["name"] for f in _hcm(yaml.safe_load(SHIPPED_CONFIG.read_text()))["http_filters"]]
+    assert "tokenmeter.meter" not in shipped  # every pool of the example reports usage
+    policy = tmp_path / "counted.yaml"
+    counted = 'endpoints: ["cpu-pool:8000"], reports_usage: false'
+    policy.write_text(THREE_POOLS.replace('endpoints: ["cpu-pool:8000"]', counted))
+    out = tmp_path / "envoy.yaml"
+    assert _cli("--policy", str(policy), "-o", str(out)).returncode == 0
+    assert "tokenmeter.meter" in [f["name"] for f in _hcm(yaml.safe_load(out.read_text()))["http_filters"]]
