@@ -1,4 +1,4 @@
-"""`tokenmeter`: serve, demo, report, policy check, keys new, hash-key."""
+"""`tokenmeter`: serve, demo, report, policy check|schema, keys new, hash-key."""
 
 from __future__ import annotations
 
@@ -51,7 +51,18 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         settle_secret_file=args.settle_secret_file,
         audit_log=args.audit_log,
+        alert_webhook=args.alert_webhook,
+        alert_webhook_secret_file=args.alert_webhook_secret_file,
+        alert_queue=args.alert_queue,
     )
+    if opts.alert_webhook is not None or opts.alert_webhook_secret_file is not None:
+        from extproc.alerts.config import webhook_config
+
+        try:
+            webhook_config(opts)
+        except (OSError, ValueError) as exc:
+            print(f"tokenmeter: alert webhook: {exc}", file=sys.stderr)
+            return 2
     uvloop.run(serve(opts))
     return 0
 
@@ -102,9 +113,29 @@ def _policy_check(args: argparse.Namespace) -> int:
         f"{args.file}: OK (version {policy.version}, {len(policy.tenants)} tenants, "
         f"{len(policy.keys_by_sha256)} keys, pools {', '.join(p.name for p in policy.pools)})"
     )
+    from extproc.policy.capacity import capacity_warnings, routes
     from extproc.records.commands import warn_unpriced
 
+    for line in routes(policy):
+        print(f"  {line}")
     warn_unpriced(args.file, policy)  # stderr: models whose records would carry no cost
+    for warning in capacity_warnings(policy):  # stderr: oversubscribed pools, models with no pool
+        print(f"{args.file}: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def _policy_schema(args: argparse.Namespace) -> int:
+    from extproc.policy.schema import policy_schema_text
+
+    text = policy_schema_text()
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        Path(args.output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"tokenmeter: cannot write {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -144,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--audit-log", default=None,
                    help="append-only, hash-chained audit trail of policy loads and enforcement events "
                    "(one file per replica; check it with `tokenmeter audit verify`)")
+    s.add_argument("--alert-webhook", default=None, metavar="URL",
+                   help="POST each alert event (quota threshold, over an alert-only limit) as JSON to this "
+                   "http(s) URL, from a background task with retries (events are logged either way)")
+    s.add_argument("--alert-webhook-secret-file", default=None, metavar="PATH",
+                   help="a secret (>= 16 bytes): each webhook request carries x-tokenmeter-signature: "
+                   "sha256=<HMAC-SHA256 of the body>")
+    s.add_argument("--alert-queue", type=_positive_int, default=1000, metavar="N",
+                   help="alert events waiting for the webhook; when full, new ones are dropped and counted "
+                   "(default 1000)")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("demo", help="run Envoy + processor + Redis + fake model pools and send traffic")
@@ -182,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     pc = psub.add_parser("check", help="validate a policy file")
     pc.add_argument("file")
     pc.set_defaults(func=_policy_check)
+    ps = psub.add_parser("schema", help="print the JSON Schema of a policy file (for editors and CI)")
+    ps.add_argument("-o", "--output", default=None, metavar="FILE", help="write it to FILE instead of stdout")
+    ps.set_defaults(func=_policy_schema)
 
     from extproc.audit.cli import add_subcommands as add_audit_subcommands
 

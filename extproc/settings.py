@@ -37,3 +37,6 @@ class Settings:
     metrics_port: int | None = None
     settle_secret_file: str | None = None
     audit_log: str | None = None  # the hash-chained audit trail (extproc.audit); one file per replica
+    alert_webhook: str | None = None  # http(s) URL alert events are POSTed to (extproc.alerts)
+    alert_webhook_secret_file: str | None = None  # HMAC-SHA256 key for x-tokenmeter-signature
+    alert_queue: int = 1000  # alert events waiting for the webhook; a full queue drops new ones

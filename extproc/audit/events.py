@@ -178,12 +178,48 @@ def _scopes(policy: Policy) -> dict[tuple[str, str], Limits]:
 
 
 def _limits_diff(old: Limits, new: Limits) -> dict[str, list[Any]]:
-    diff = _fields_diff(old, new)
-    # the period of a quota that is not set means nothing
-    if "quota_period" in diff and old.quota_tokens is None and old.quota_requests is None \
-            and new.quota_tokens is None and new.quota_requests is None:
-        del diff["quota_period"]
-    return diff
+    """What changed in one scope's limits: its default action, and each rule's limit (null: no such
+    rule), its own action and its alert thresholds. A rule is named by what it counts, over what and
+    for which models, in the shorthand's words where it has one: "tokens_per_minute",
+    "quota_tokens_per_month", "output_tokens_per_5m[llama-3.1-70b]", "concurrent_requests"."""
+    out: dict[str, list[Any]] = {}
+    if old.action != new.action:
+        out["action"] = [_plain(old.action), _plain(new.action)]
+    before = {_rule_name(rule): rule for rule in old.rules}
+    after = {_rule_name(rule): rule for rule in new.rules}
+    for name in [*before, *(n for n in after if n not in before)]:
+        a, b = before.get(name), after.get(name)
+        if a is None or b is None or a.limit != b.limit:
+            out[bounded(name)] = [None if a is None else a.limit, None if b is None else b.limit]
+        if a is None or b is None:
+            continue
+        # an action that follows its block's is reported once, as the block's
+        if a.action != b.action and (a.action, b.action) != (old.action, new.action):
+            out[bounded(f"{name} action")] = [_plain(a.action), _plain(b.action)]
+        if a.alert_at != b.alert_at:
+            out[bounded(f"{name} alert_at")] = [_plain(a.alert_at), _plain(b.alert_at)]
+    return out
+
+
+_WINDOW_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+
+
+def _rule_name(rule: Any) -> str:
+    measure = str(rule.measure)
+    if measure == "concurrent":
+        name = "concurrent_requests"
+    elif rule.period is not None:
+        name = f"quota_{measure}_per_{rule.period}"
+    else:
+        seconds = float(rule.window_s)
+        span = _WINDOW_NAMES.get(seconds)
+        if span is None:
+            span = next((f"{seconds / size:g}{unit}" for size, unit in ((86400.0, "d"), (3600.0, "h"), (60.0, "m"))
+                         if seconds % size == 0), f"{seconds:g}s")
+        name = f"{measure}_per_{span}"
+    if rule.models is not None:
+        name += f"[{','.join(sorted(rule.models))}]"
+    return name
 
 
 def _fields_diff(old: Any, new: Any) -> dict[str, list[Any]]:

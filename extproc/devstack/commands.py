@@ -20,6 +20,12 @@ def fake_model_argv(*, pool: str, host: str, port: int) -> list[str]:
     return ["python", "-m", "extproc.fakes.model_server", "--pool", pool, "--host", host, "--port", str(port)]
 
 
+def fake_authz_argv(*, table: str, host: str, port: int, policy: str | None = None) -> list[str]:
+    """The fake authenticator (`identity.trusted_headers`): tokens of `table` -> identity headers."""
+    argv = ["python", "-m", "extproc.fakes.authz", "--table", table, "--host", host, "--port", str(port)]
+    return argv + (["--policy", policy] if policy else [])
+
+
 def envoy_argv(*, config: str, concurrency: int = 1) -> list[str]:
     return ["envoy", "-c", config, "--concurrency", str(concurrency), "--log-level", "warn"]
 

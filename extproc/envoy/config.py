@@ -8,13 +8,20 @@ The request path, in Envoy's filter order (requests top-down, responses bottom-u
 
   compressor         compresses for the client what it accepts; asks the upstream for identity, so
                      every filter below reads the model server's usage in plain text
-  header_mutation    drops every client-sent x-tokenmeter-* header (only the processor sets them)
+  header_mutation    drops every client-sent x-tokenmeter-* header (only the processor sets them),
+                     and the policy's trusted identity headers (only the authenticator sets them)
   jwt_authn          (only when the policy names JWT issuers, `identity.jwt`) verifies a bearer token
                      shaped as a JWT (an API key is not one): an invalid one is refused here (401),
                      a valid one's payload goes to the processor as metadata; no token: no check
-  ext_proc           admission: ONE message per request (the buffered body, with path, method and
-                     credentials as attributes); the reply carries the admission's metadata, the
-                     pool, and an edited body (include_usage, ...). Never on the response path.
+  ext_authz          (only when the policy names trusted headers, `identity.trusted_headers`) asks
+                     the authenticator (an HTTP service) about the credentials: its refusal goes to
+                     the client (its status, as JSON); on success the identity headers it returns
+                     (only the policy's names) are set on the request for the processor. The
+                     header_mutation above removed the client's own copies, so only it sets them.
+  ext_proc           admission: ONE message per request (the buffered body, with path, method,
+                     credentials and trusted identity headers as attributes); the reply carries the
+                     admission's metadata, the pool, and an edited body (include_usage, ...). Never
+                     on the response path.
   buffer             holds the request until the processor has answered, so the route is chosen on
                      the processor's metadata (pool, response plan)
   ext_proc (meter)   the processor on the response, only on the routes of a pool whose servers report
@@ -49,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from extproc.policy.model import JwtProvider, Policy
+from extproc.policy.model import JwtProvider, Policy, TrustedHeaders
 from extproc.service.identity import JWT_NAMESPACE, JWT_SHAPE
 from extproc.service.metadata import (
     ATTRIBUTE_HEADERS,
@@ -67,9 +74,12 @@ from extproc.service.metadata import (
     SETTLE_LOG_NAME,
     STRIP_USAGE_KEY,
     USAGE_NAMESPACE,
+    header_attribute,
 )
+from extproc.service.ratelimit_headers import QUOTA_HEADERS, RATELIMIT_HEADERS, metadata_key
 
 PROCESSOR_CLUSTER = "tokenmeter_processor"
+AUTHORIZER_CLUSTER = "tokenmeter_authorizer"  # the ext_authz service of `identity.trusted_headers`
 STRIP_USAGE_SCRIPT = "strip_usage"
 METER_FILTER = "tokenmeter.meter"  # the processor on the response, for pools that report no usage
 _T = "type.googleapis.com/envoy.extensions"
@@ -160,9 +170,6 @@ _ATTRIBUTION_METADATA = [
     (H_POOL, "pool"),
     (H_REQUEST_ID, "request_id"),
 ]
-_RATELIMIT_HEADERS = [
-    f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")
-]
 
 
 def strip_usage_script() -> str:
@@ -240,10 +247,46 @@ def jwt_authn_filter(providers: Sequence[JwtProvider]) -> dict[str, Any]:
     }
 
 
+def ext_authz_filter(trusted: TrustedHeaders) -> dict[str, Any]:
+    """Envoy asks the authenticator (an HTTP service, `trusted.authorizer`) about every request, with
+    its credentials. A refusal (any status but 200) goes to the client: its status, and an
+    OpenAI-style body (the local reply mapper); the service unreachable or failing is a 503. On 200,
+    the trusted headers it answers with, and no others, are set on the request (replacing any
+    value), for the processor to attribute; it may answer with none (an API key's caller)."""
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": f"{_T}.filters.http.ext_authz.v3.ExtAuthz",
+            "http_service": {
+                "server_uri": {
+                    "uri": f"http://{trusted.authorizer}",
+                    "cluster": AUTHORIZER_CLUSTER,
+                    "timeout": "0.5s",
+                },
+                "authorization_response": {"allowed_upstream_headers": {
+                    "patterns": [{"exact": h} for h in trusted.headers]}},
+            },
+            # what the authenticator is shown besides method, path and host: the credentials
+            "allowed_headers": {"patterns": [{"exact": h} for h in CREDENTIAL_HEADERS]},
+            # Fail closed: no answer is no identity.
+            "failure_mode_allow": False,
+            "status_on_error": {"code": 503},
+            "stat_prefix": "authorizer",
+        },
+    }
+
+
+def authorizer_cluster(trusted: TrustedHeaders) -> dict[str, Any]:
+    return _cluster(AUTHORIZER_CLUSTER, [Endpoint.parse(trusted.authorizer)])
+
+
 def http_filters(deployment: Deployment, policy: Policy | None = None) -> list[dict[str, Any]]:
     """The filter chain, in order (see the module docstring)."""
     rules = _usage_rules()
     jwt = policy.identity.jwt if policy is not None else ()
+    trusted = policy.identity.trusted_headers if policy is not None else None
+    trusted_headers = trusted.headers if trusted is not None else ()
+    wait_ms = policy.routing.max_wait_ms if policy is not None else 0
     # the response meter exists only where a pool needs it: elsewhere it would be one more filter
     # instance per request, with every mode off
     counted = policy is not None and any(not p.reports_usage for p in policy.pools)
@@ -281,10 +324,12 @@ def http_filters(deployment: Deployment, policy: Policy | None = None) -> list[d
                 "@type": f"{_T}.filters.http.header_mutation.v3.HeaderMutation",
                 "mutations": {"request_mutations": [
                     {"remove_on_match": {"key_matcher": {"prefix": HEADER_PREFIX}}},
+                    *({"remove": h} for h in trusted_headers),
                 ]},
             },
         },
         *([jwt_authn_filter(jwt)] if jwt else []),
+        *([ext_authz_filter(trusted)] if trusted is not None else []),
         {
             "name": "envoy.filters.http.ext_proc",
             "typed_config": {
@@ -292,12 +337,13 @@ def http_filters(deployment: Deployment, policy: Policy | None = None) -> list[d
                 "grpc_service": _processor_grpc(),
                 # Fail closed: an ungoverned request is never let through.
                 "failure_mode_allow": False,
-                "message_timeout": "0.5s",
+                # the admission decides in well under 0.5 s, plus the wait for pool room the policy allows
+                "message_timeout": f"{0.5 + wait_ms / 1000:g}s",
                 "processing_mode": _modes(admission=True),
                 "allow_mode_override": True,
                 "forward_rules": {"allowed_headers": {"patterns": [
                     {"exact": ":path"}, {"exact": ":method"}, {"exact": "authorization"}, {"exact": "x-api-key"},
-                    {"exact": "content-type"},
+                    {"exact": "content-type"}, *({"exact": h} for h in trusted_headers),
                 ]}},
                 "mutation_rules": {"allow_all_routing": True},
                 "metadata_options": {
@@ -305,7 +351,8 @@ def http_filters(deployment: Deployment, policy: Policy | None = None) -> list[d
                     # the verified JWT payloads (jwt_authn), only where the policy has issuers
                     **({"forwarding_namespaces": {"untyped": [JWT_NAMESPACE]}} if jwt else {}),
                 },
-                "request_attributes": list(ATTRIBUTE_HEADERS),
+                # (and the headers the authenticator set: the trusted identity)
+                "request_attributes": [*ATTRIBUTE_HEADERS, *(header_attribute(h) for h in trusted_headers)],
                 # Envoy re-routes after a body reply only if told to: the pool is in the reply.
                 "route_cache_action": "CLEAR",
             },
@@ -437,6 +484,8 @@ def routes(policy: Policy) -> list[dict[str, Any]]:
 
 
 def virtual_host(policy: Policy) -> dict[str, Any]:
+    # the pool that served the request, where the policy lets clients see it (`routing.show_pool`)
+    shown = [(H_POOL, "pool")] if policy.routing.show_pool else []
     return {
         "name": "llm",
         "domains": ["*"],
@@ -448,9 +497,12 @@ def virtual_host(policy: Policy) -> dict[str, Any]:
             for header, key in [
                 (H_REQUEST_ID, "request_id"),
                 (H_OUTPUT_LIMIT, OUTPUT_LIMIT_KEY),
-                *[(h, "rl_" + h.removeprefix("x-ratelimit-").replace("-", "_")) for h in _RATELIMIT_HEADERS],
+                *[(h, metadata_key(h)) for h in (*RATELIMIT_HEADERS, *QUOTA_HEADERS)],
+                *shown,
             ]
         ],
+        # an upstream's own header of that name never reaches the client
+        **({} if shown else {"response_headers_to_remove": [H_POOL]}),
         "request_headers_to_add": [
             {
                 "header": {"key": header, "value": f"%DYNAMIC_METADATA({NAMESPACE}:{key})%"},
@@ -459,7 +511,9 @@ def virtual_host(policy: Policy) -> dict[str, Any]:
             }
             for header, key in _ATTRIBUTION_METADATA
         ],
-        "request_headers_to_remove": list(CREDENTIAL_HEADERS),
+        # the credentials, and the identity the authenticator asserted: the gateway's business
+        "request_headers_to_remove": [*CREDENTIAL_HEADERS, *(
+            policy.identity.trusted_headers.headers if policy.identity.trusted_headers is not None else ())],
     }
 
 
@@ -542,8 +596,16 @@ def _local_reply_config(deployment: Deployment, policy: Policy | None = None) ->
         "body_format_override": _json_error(
             "Invalid bearer token (%RESPONSE_CODE_DETAILS%).", "invalid_request_error", "invalid_token"),
     }] if policy is not None and policy.identity.jwt else []
+    authz = [{
+        # the authenticator's refusal (ext_authz): its status, the gateway's JSON
+        "filter": _cel("response.code_details == 'ext_authz_denied'"),
+        "body_format_override": _json_error(
+            "The gateway's authenticator refused the request's credentials (HTTP %RESPONSE_CODE%).",
+            "invalid_request_error", "invalid_credentials"),
+    }] if policy is not None and policy.identity.trusted_headers is not None else []
     return {"mappers": [
         *jwt,
+        *authz,
         {
             "filter": _cel("response.code == 413 && response.code_details == 'request_payload_too_large'"),
             "body_format_override": _json_error(
@@ -667,7 +729,9 @@ def render(policy: Policy, deployment: Deployment | None = None) -> dict[str, An
                     "typed_config": http_connection_manager(policy, d),
                 }]}],
             }],
-            "clusters": [processor_cluster(d), *pool_clusters(policy, d)],
+            "clusters": [processor_cluster(d), *pool_clusters(policy, d), *(
+                [authorizer_cluster(policy.identity.trusted_headers)]
+                if policy.identity.trusted_headers is not None else [])],
         },
     }
 
@@ -700,6 +764,11 @@ def render_istio(policy: Policy, target: IstioTarget | None = None) -> list[dict
                if f["name"] != "envoy.filters.http.router"]
     for f in filters:
         _point_grpc(f, processor, t.processor_host)
+    trusted = policy.identity.trusted_headers
+    if trusted is not None:  # the authenticator: Istio's cluster of its service
+        host, _, port = trusted.authorizer.rpartition(":")
+        authz = next(f for f in filters if f["name"] == "envoy.filters.http.ext_authz")
+        authz["typed_config"]["http_service"]["server_uri"]["cluster"] = f"outbound|{port}||{host.strip('[]')}"
     settle = settle_access_log()
     _point_grpc(settle, processor, t.processor_host)
 

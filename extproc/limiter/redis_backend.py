@@ -60,19 +60,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from extproc.limiter.memory import InMemoryLimiter
 from extproc.limiter.resp import PipelinedRedis, Template, pack
 from extproc.limiter.types import (
+    CONCURRENCY_LEASE_S,
     KIND_BACKEND,
     KIND_POOL,
     KIND_TOO_LARGE,
     POOL_SCOPE,
-    REQUESTS_HOUR_WINDOW_S,
-    REQUESTS_MINUTE_WINDOW_S,
+    POOL_WINDOW_S,
     RESERVATION_MIN_TTL_S,
-    TOKENS_WINDOW_S,
     Decision,
     DuplicateReservation,
+    Measure,
     PoolCeiling,
     Reservation,
+    Rule,
     ScopeLimit,
+    Threshold,
     WindowStatus,
 )
 
@@ -83,8 +85,6 @@ CLUSTER_SCHEME = "redis+cluster://"
 
 _BACKEND_ERRORS: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
-# tokens/min and requests/min share one window (one ZSET per scope), so their lengths must match
-assert TOKENS_WINDOW_S == REQUESTS_MINUTE_WINDOW_S
 
 # Envoy's ext_proc message_timeout for the admission message is 0.5 s (extproc/envoy/config.py): an
 # admission that waits on a Redis that answers, with a busy event loop, gives up at 300 ms so the
@@ -243,15 +243,29 @@ def reservation_key(tenant: str, request_id: str) -> str:
     return f"{tenant_tag(tenant)}:res:{request_id}"
 
 
-def scope_keys(tenant: str, scope: str) -> tuple[str, str, str]:
-    """(minute window zset: tokens/min and requests/min, hour window zset: requests/hour, quota hash)."""
-    w = f"{tenant_tag(tenant)}:w:{scope}:"
-    return w + "1m", w + "1h", f"{tenant_tag(tenant)}:q:{scope}"
+def counter_key(tenant: str, scope: str, counter: str) -> str:
+    """The key of one counter of a scope (``Rule.counter``: a window, a calendar period, the slots)."""
+    return f"{tenant_tag(tenant)}:{scope}:{counter}"
 
 
 def pool_key(pool: str) -> str:
     """A pool's minute window: a global key, not tied to a tenant."""
-    return f"tm:{{pool:{pool}}}:1m"
+    return f"tm:{{pool:{pool}}}:w"
+
+
+def pool_spill_key(pool: str) -> str:
+    """Set while a pool spills (until it drains below its hysteresis line)."""
+    return f"tm:{{pool:{pool}}}:spill"
+
+
+def pool_owner_key(pool: str, owner: str) -> str:
+    """The window of one owner's tokens in a pool (fair share)."""
+    return f"tm:{{pool:{pool}}}:o:{owner}"
+
+
+def pool_demand_key(pool: str, owner: str) -> str:
+    """Set for a window after an owner was refused by the pool within its guarantee."""
+    return f"tm:{{pool:{pool}}}:d:{owner}"
 
 
 def pool_reservation_key(pool: str, tenant: str, request_id: str) -> str:
@@ -285,14 +299,6 @@ async def _command(client: Client, *args: Any) -> Any:
 
 def _opt(v: int | None) -> str:
     return "" if v is None else str(int(v))
-
-
-def _period_code(period: str) -> str:
-    if period == "month":
-        return "m"
-    if period == "day":
-        return "d"
-    raise ValueError(f"quota_period must be 'day' or 'month', not {period!r}")
 
 
 class CircuitBreaker:
@@ -358,7 +364,8 @@ class CircuitBreaker:
 
 
 # (tenant, request id, actual tokens, "s" settle | "c" cancel)
-_Settlement = tuple[str, str, int, str]
+# tenant, request id, actual tokens, mode ("s" settle | "c" cancel), actual output ('' unknown)
+_Settlement = tuple[str, str, int, str, str]
 
 
 class RedisLimiter:
@@ -385,6 +392,8 @@ class RedisLimiter:
         flush_timeout_s: float = 10.0,
         fast: PipelinedRedis | None = None,
         fast_background: PipelinedRedis | None = None,
+        lease_s: float = CONCURRENCY_LEASE_S,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if on_failure not in ("fail_open", "fail_closed"):
             raise ValueError(f"on_failure must be 'fail_open' or 'fail_closed', not {on_failure!r}")
@@ -405,19 +414,24 @@ class RedisLimiter:
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown_s)
         # The fail-open limiter: made once, so its windows (what this replica admitted without Redis)
         # persist across every opening of the breaker; a flapping breaker never grants a fresh share.
-        self.local = InMemoryLimiter(limit_divisor=replicas_hint, window_scale=window_scale)
+        self.local = InMemoryLimiter(limit_divisor=replicas_hint, window_scale=window_scale, lease_s=lease_s,
+                                    wall_clock=wall_clock)
         # redis-py admissions (TLS, Cluster): when each node last answered the admission client
         self._answered: dict[str, float] = {}
-        self._w_min_s = max(1, round(TOKENS_WINDOW_S * 1000 * window_scale)) / 1000.0
-        w_hour = max(1, round(REQUESTS_HOUR_WINDOW_S * 1000 * window_scale))
-        self._header_args = (
-            str(round(self._w_min_s * 1000)), str(w_hour), str(round(RESERVATION_MIN_TTL_S * 1000))
+        self._scale = window_scale
+        self._pool_w_s = max(1, round(POOL_WINDOW_S * 1000 * window_scale)) / 1000.0
+        self._ttl_args = (
+            str(round(RESERVATION_MIN_TTL_S * 1000)), str(max(1, round(lease_s * 1000 * window_scale)))
         )
-        self._scope_cache: dict[tuple[str, ScopeLimit], tuple[tuple[str, ...], tuple[str, ...]]] = {}
-        # reserve.lua's EVALSHA for a (tenant, scopes, pools), packed but for the request id and cost
-        self._reserve_templates: dict[tuple[str, tuple[ScopeLimit, ...], tuple[PoolCeiling, ...]], Template] = {}
-        self._settle_template = Template(("EVALSHA", SETTLE.sha, 1), None, None, None)
-        self._pool_cache: dict[PoolCeiling, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._pool_w_arg = str(round(self._pool_w_s * 1000))
+        # reserve.lua's EVALSHA for a (tenant, scopes, pools, calendar periods), packed but for the request
+        # id and the costs
+        self._reserve_templates: dict[
+            tuple[str, tuple[ScopeLimit, ...], tuple[PoolCeiling, ...], tuple[tuple[float, float], ...]], Template
+        ] = {}
+        self._settle_template = Template(("EVALSHA", SETTLE.sha, 1), None, None, None, None)
+        # epoch seconds: which calendar period a request falls in (tests inject a clock)
+        self._wall = wall_clock
 
         # counters
         self.fail_open_decisions = 0
@@ -574,65 +588,76 @@ class RedisLimiter:
 
     # -- admission ---------------------------------------------------------------------------------
 
-    def _scope_parts(self, tenant: str, s: ScopeLimit) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        ck = (tenant, s)
-        parts = self._scope_cache.get(ck)
-        if parts is None:
-            args = (
-                s.scope,
-                "1" if s.enforce else "0",
-                _opt(s.tokens_per_minute),
-                _opt(s.requests_per_minute),
-                _opt(s.requests_per_hour),
-                _opt(s.quota_tokens),
-                _opt(s.quota_requests),
-                _period_code(s.quota_period),
-            )
-            if len(self._scope_cache) >= 65536:
-                self._scope_cache.clear()
-            parts = self._scope_cache[ck] = (scope_keys(tenant, s.scope), args)
-        return parts
+    def _scope_parts(self, tenant: str, s: ScopeLimit, wall: float) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of one scope (see reserve.lua's header): its rules grouped by counter."""
+        groups: dict[str, list[tuple[int, Rule]]] = {}
+        for i, rule in enumerate(s.rules):
+            groups.setdefault(rule.counter, []).append((i, rule))
+        keys: list[str] = []
+        args = [s.scope, "1" if s.enforce else "0", str(len(groups))]
+        for counter, rules in groups.items():
+            first = rules[0][1]
+            keys.append(counter_key(tenant, s.scope, counter))
+            if first.measure is Measure.CONCURRENT:
+                args += ("c", "", "")
+            elif first.window_s is not None:
+                args += ("w", str(max(1, round(first.window_s * 1000 * self._scale))), "")
+            else:
+                assert first.calendar is not None
+                start, end = first.calendar.bounds(wall)
+                args += ("q", str(round(start * 1000)), str(round(end * 1000)))
+            args.append(str(len(rules)))
+            for i, rule in rules:
+                args += (str(i), rule.measure.code, str(int(rule.limit)), "1" if rule.enforce else "0",
+                         ",".join(str(p) for p in rule.alert_at))
+        return keys, args
 
-    def _pool_parts(self, p: PoolCeiling) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        parts = self._pool_cache.get(p)
-        if parts is None:
-            if not p.name or "\n" in p.name:
-                raise ValueError(f"pool names must be non-empty and on one line: {p.name!r}")
-            if len(self._pool_cache) >= 4096:
-                self._pool_cache.clear()
-            parts = self._pool_cache[p] = ((pool_key(p.name),), (p.name, _opt(p.tokens_per_minute)))
-        return parts
+    @staticmethod
+    def _pool_parts(p: PoolCeiling) -> tuple[list[str], list[str]]:
+        """KEYS and ARGV of one pool (reserve.lua, Phase 2)."""
+        if not p.name or "\n" in p.name:
+            raise ValueError(f"pool names must be non-empty and on one line: {p.name!r}")
+        ceiling = p.tokens_per_minute
+        keys = [pool_key(p.name), pool_spill_key(p.name), pool_owner_key(p.name, p.owner),
+                pool_demand_key(p.name, p.owner)]
+        args = [p.name, _opt(ceiling), _opt(p.low), p.owner, str(p.guaranteed),
+                _opt(p.maximum if p.maximum is not None else ceiling), str(len(p.others))]
+        for owner, guaranteed in p.others:
+            keys += (pool_owner_key(p.name, owner), pool_demand_key(p.name, owner))
+            args += (owner, str(guaranteed))
+        return keys, args
 
-    def encode(self, r: Reservation, *, pools: bool = True) -> tuple[list[str], list[str]]:
+    def encode(self, r: Reservation, *, pools: bool = True, wall: float | None = None) -> tuple[list[str], list[str]]:
         """KEYS and ARGV of reserve.lua for a reservation (see the script's header). ``pools=False``
         (cluster mode): the pools are reserved by later calls and only named in the record."""
         if not r.request_id:
             raise ValueError("request_id must not be empty")
-        for p in r.pools:
-            self._pool_parts(p)  # validates the name (cached)
+        now = self._wall() if wall is None else wall
+        pool_parts = [self._pool_parts(p) for p in r.pools]  # validates the names
         keys = [reservation_key(r.tenant, r.request_id)]
-        args = [r.request_id, str(max(0, int(r.tokens))), *self._header_args]
+        args = [r.request_id, str(r.input_tokens), str(r.output_part), str(round(now * 1000)), *self._ttl_args]
         later = "" if pools else "\n".join(p.name for p in r.pools if p.tokens_per_minute is not None)
-        args += (str(len(r.scopes)), str(len(r.pools) if pools else 0), later)
+        args += (str(len(r.scopes)), str(len(r.pools) if pools else 0), later, self._pool_w_arg)
         for s in r.scopes:
-            k, a = self._scope_parts(r.tenant, s)
+            k, a = self._scope_parts(r.tenant, s, now)
             keys += k
             args += a
         if pools:
-            for p in r.pools:
-                k, a = self._pool_parts(p)
-                keys += k
-                args += a
+            for k2, a2 in pool_parts:
+                keys += k2
+                args += a2
         return keys, args
 
     async def reserve(self, r: Reservation) -> Decision:
         started = time.monotonic()
         fast = self._fast
+        wall = self._wall()
         if fast is not None:
-            payload = self._reserve_template(r).fill(
-                reservation_key(r.tenant, r.request_id), r.request_id, max(0, int(r.tokens)))
+            payload = self._reserve_template(r, wall).fill(
+                reservation_key(r.tenant, r.request_id), r.request_id, r.input_tokens, r.output_part,
+                round(wall * 1000))
         else:
-            keys, args = self.encode(r, pools=not self.cluster)
+            keys, args = self.encode(r, pools=not self.cluster, wall=wall)
         if not self.breaker.allow():
             return self._degraded(r)
         waiting = None if fast is not None else _Waiting(self._answered)
@@ -649,7 +674,7 @@ class RedisLimiter:
             if busy.redis_answered:
                 self.breaker.success()
             if waiting is not None:  # redis-py: the script may have run; undo it (fast: done on its reply)
-                self._enqueue((r.tenant, r.request_id, 0, "c"))
+                self._enqueue((r.tenant, r.request_id, 0, "c", ""))
             return Decision(allowed=False, retry_after_seconds=1.0, denied_kind=KIND_BACKEND, degraded=True)
         except _BACKEND_ERRORS as exc:
             self.backend_errors += 1
@@ -660,7 +685,7 @@ class RedisLimiter:
             timed_out = isinstance(exc, TimeoutError | RedisTimeoutError)
             if self.cluster and waiting is not None and (waiting.tenant_done or timed_out):
                 # the tenant's shard (and maybe a pool's) reserved before a later call failed
-                self._enqueue((r.tenant, r.request_id, 0, "c"))
+                self._enqueue((r.tenant, r.request_id, 0, "c", ""))
             decision = self._degraded(r)
             if decision.allowed and timed_out and not self.cluster:
                 self._maybe_on_redis[(r.tenant, r.request_id)] = None
@@ -703,7 +728,7 @@ class RedisLimiter:
     def _undo_late(self, tenant: str, request_id: str, reply: Any) -> None:
         """The late reply of an admission refused at max_wait (or the loss of its connection)."""
         if isinstance(reply, BaseException) or (isinstance(reply, list) and reply and int(reply[0]) == 1):
-            self._enqueue((tenant, request_id, 0, "c"))
+            self._enqueue((tenant, request_id, 0, "c", ""))
 
     async def _admit_redis_py(
         self, r: Reservation, keys: list[str], args: list[str], waiting: _Waiting, started: float
@@ -731,46 +756,53 @@ class RedisLimiter:
             decision = await self._choose_pool_on_cluster(r, decision, waiting)
         return decision
 
-    def _reserve_template(self, r: Reservation) -> Template:
-        """reserve.lua's EVALSHA for this caller's scopes and pools, packed once (encode validates):
-        only the reservation key, the request id and the cost change between a caller's requests."""
+    def _reserve_template(self, r: Reservation, wall: float) -> Template:
+        """reserve.lua's EVALSHA for this caller's scopes and pools, packed once per calendar period
+        (encode validates): only the reservation key, the request id, the costs and the wall clock
+        change between a caller's requests."""
         if not r.request_id:
             raise ValueError("request_id must not be empty")
-        ck = (r.tenant, r.scopes, r.pools)
+        periods = tuple(rule.calendar.bounds(wall) for s in r.scopes for rule in s.rules if rule.calendar is not None)
+        ck = (r.tenant, r.scopes, r.pools, periods)
         template = self._reserve_templates.get(ck)
         if template is None:
-            keys, args = self.encode(r)
+            keys, args = self.encode(r, wall=wall)
             if len(self._reserve_templates) >= 65536:
                 self._reserve_templates.clear()
             template = self._reserve_templates[ck] = Template(
-                ("EVALSHA", RESERVE.sha, len(keys)), None, tuple(keys[1:]), None, None, tuple(args[2:])
+                ("EVALSHA", RESERVE.sha, len(keys)), None, tuple(keys[1:]), None, None, None, None, tuple(args[4:])
             )
         return template
 
     async def _choose_pool_on_cluster(self, r: Reservation, admitted: Decision, waiting: _Waiting) -> Decision:
         """Cluster mode, after the tenant's shard admitted: the first pool with room, one call each."""
-        cost = str(max(0, int(r.tokens)))
+        cin, cout = str(r.input_tokens), str(r.output_part)
         wait = -1.0
         for p in r.pools:
             if p.tokens_per_minute is None:
                 return dataclasses.replace(admitted, pool=p.name)
-            keys = [pool_reservation_key(p.name, r.tenant, r.request_id), pool_key(p.name)]
-            args = [r.request_id, cost, *self._header_args, "0", "1", "", p.name, str(p.tokens_per_minute)]
+            pool_keys, pool_args = self._pool_parts(p)
+            keys = [pool_reservation_key(p.name, r.tenant, r.request_id), *pool_keys]
+            # (no calendar period on a pool: no wall clock)
+            args = [r.request_id, cin, cout, "0", *self._ttl_args, "0", "1", "", self._pool_w_arg, *pool_args]
             d = decode_decision(await self._evalsha(self._adm, RESERVE, keys, args, True, waiting), r.request_id)
             if d.allowed:
                 return dataclasses.replace(admitted, pool=p.name)
             if d.denied_kind == KIND_POOL and (wait < 0 or d.retry_after_seconds < wait):
                 wait = d.retry_after_seconds
         # no pool has room: give the tenant's reservation back, as if it had never been made
-        await self._evalsha(self._adm, SETTLE, [reservation_key(r.tenant, r.request_id)], [0, "c"], True, waiting)
+        await self._evalsha(self._adm, SETTLE, [reservation_key(r.tenant, r.request_id)], [0, "c", ""], True,
+                            waiting)
         return Decision(
             allowed=False,
             retry_after_seconds=max(0.0, wait),
             denied_scope=POOL_SCOPE,
             denied_kind=KIND_POOL if wait >= 0 else KIND_TOO_LARGE,
-            tokens=_give_back(admitted.tokens, int(cost), self._w_min_s),
-            requests=_give_back(admitted.requests, 1, self._w_min_s),
+            tokens=_give_back(admitted.tokens, r.input_tokens + r.output_part),
+            requests=_give_back(admitted.requests, 1),
+            quota=_give_back(admitted.quota, r.input_tokens + r.output_part),
             alerts=admitted.alerts,
+            over=admitted.over,
         )
 
     def _degraded(self, r: Reservation) -> Decision:
@@ -786,15 +818,15 @@ class RedisLimiter:
     def settle_queue_depth(self) -> int:
         return len(self._queue)
 
-    def settle(self, tenant: str, request_id: str, actual_tokens: int) -> None:
+    def settle(self, tenant: str, request_id: str, actual_tokens: int, output_tokens: int | None = None) -> None:
         """Enqueue; the background task applies it. Needs a running event loop."""
         # a reservation decided while degraded lives in the local limiter: settle it there at once, and
         # only there unless its admission timed out (then Redis may hold it too)
-        if self.local.settle_sync(tenant, request_id, actual_tokens):
+        if self.local.settle_sync(tenant, request_id, actual_tokens, output_tokens):
             if (tenant, request_id) not in self._maybe_on_redis:
                 return
             del self._maybe_on_redis[(tenant, request_id)]
-        self._enqueue((tenant, request_id, max(0, int(actual_tokens)), "s"))
+        self._enqueue((tenant, request_id, max(0, int(actual_tokens)), "s", _out(output_tokens)))
 
     def _enqueue(self, item: _Settlement) -> None:
         if len(self._queue) >= self._queue_max:
@@ -809,22 +841,25 @@ class RedisLimiter:
         self._ensure_worker()
 
     async def _apply_now(self, item: _Settlement) -> bool:
-        tenant, rid, actual, mode = item
-        args: list[str | int] = [actual, mode]
+        tenant, rid, actual, mode, out = item
+        args: list[str | int] = [actual, mode, out]
         found, later = await self._evalsha(self._bg, SETTLE, [reservation_key(tenant, rid)], args, False)
         for pool in _names(later):
             await self._evalsha(self._bg, SETTLE, [pool_reservation_key(pool, tenant, rid)], args, False)
         return bool(found)
 
-    async def settle_now(self, tenant: str, request_id: str, actual_tokens: int) -> bool:
+    async def settle_now(
+        self, tenant: str, request_id: str, actual_tokens: int, output_tokens: int | None = None
+    ) -> bool:
         """Apply at once; True if a reservation was found and settled (locally or on Redis)."""
-        local = self.local.settle_sync(tenant, request_id, actual_tokens)
-        return await self._apply_now((tenant, request_id, max(0, int(actual_tokens)), "s")) or local
+        local = self.local.settle_sync(tenant, request_id, actual_tokens, output_tokens)
+        item = (tenant, request_id, max(0, int(actual_tokens)), "s", _out(output_tokens))
+        return await self._apply_now(item) or local
 
     async def cancel_now(self, tenant: str, request_id: str) -> bool:
         """Undo a reservation entirely, as if it had never been admitted."""
         local = self.local.cancel_sync(tenant, request_id)
-        return await self._apply_now((tenant, request_id, 0, "c")) or local
+        return await self._apply_now((tenant, request_id, 0, "c", "")) or local
 
     def _ensure_worker(self) -> None:
         if self._worker is None or self._worker.done():
@@ -873,18 +908,18 @@ class RedisLimiter:
         """One pipeline of settle.lua calls on the tenants' records; in cluster mode a second one on the
         records of the pools those name (on other shards; the pool not chosen has none: a no-op)."""
         await self._initialized(self._bg)
-        calls = [(reservation_key(tenant, rid), actual, mode) for tenant, rid, actual, mode in batch]
+        calls = [(reservation_key(tenant, rid), actual, mode, out) for tenant, rid, actual, mode, out in batch]
         results = await self._pipelined(calls)
         pool_calls = [
-            (pool_reservation_key(pool, tenant, rid), actual, mode)
-            for (tenant, rid, actual, mode), result in zip(batch, results, strict=True)
+            (pool_reservation_key(pool, tenant, rid), actual, mode, out)
+            for (tenant, rid, actual, mode, out), result in zip(batch, results, strict=True)
             if isinstance(result, list)
             for pool in _names(result[1])
         ]
         if pool_calls:
             await self._pipelined(pool_calls)
 
-    async def _pipelined(self, calls: list[tuple[str, int, str]]) -> list[Any]:
+    async def _pipelined(self, calls: list[tuple[str, int, str, str]]) -> list[Any]:
         results: list[Any] = [None] * len(calls)
         pending = list(range(len(calls)))
         for attempt in range(2):
@@ -909,14 +944,14 @@ class RedisLimiter:
             pending = again
         return results
 
-    async def _send_settles(self, calls: list[tuple[str, int, str]]) -> list[Any]:
+    async def _send_settles(self, calls: list[tuple[str, int, str, str]]) -> list[Any]:
         """settle.lua for each call in one round trip: replies or error-reply exceptions, in order."""
         if self._fast_bg is not None:
             fill = self._settle_template.fill
-            return await self._fast_bg.call_many_packed([fill(k, a, m) for k, a, m in calls])
+            return await self._fast_bg.call_many_packed([fill(k, a, m, o) for k, a, m, o in calls])
         pipe = self._bg.pipeline(transaction=False)
-        for key, actual, mode in calls:
-            pipe.execute_command("EVALSHA", SETTLE.sha, 1, key, actual, mode)
+        for key, actual, mode, out in calls:
+            pipe.execute_command("EVALSHA", SETTLE.sha, 1, key, actual, mode, out)
         return list(await pipe.execute(raise_on_error=False))
 
     async def flush(self) -> None:
@@ -958,15 +993,25 @@ def _names(raw: Any) -> list[str]:
     return text.split("\n") if text else []
 
 
-def _give_back(status: WindowStatus | None, amount: int, window_s: float) -> WindowStatus | None:
+def _out(output_tokens: int | None) -> str:
+    return "" if output_tokens is None else str(max(0, int(output_tokens)))
+
+
+def _give_back(status: WindowStatus | None, amount: int) -> WindowStatus | None:
     """A header status of an admission that was then undone (cluster mode, no pool had room)."""
     if status is None:
         return None
-    return WindowStatus(status.limit, min(status.limit, status.remaining + amount), window_s)
+    return WindowStatus(status.limit, min(status.limit, status.remaining + amount), status.reset_seconds)
 
 
 def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _status(raw: Sequence[Any], at: int) -> WindowStatus | None:
+    if int(raw[at]) < 0:
+        return None
+    return WindowStatus(limit=int(raw[at]), remaining=int(raw[at + 1]), reset_seconds=int(raw[at + 2]) / 1000.0)
 
 
 def decode_decision(raw: Sequence[Any], request_id: str) -> Decision:
@@ -974,19 +1019,30 @@ def decode_decision(raw: Sequence[Any], request_id: str) -> Decision:
     status = int(raw[0])
     if status == 2:
         raise DuplicateReservation(f"request id {request_id!r} already has a live reservation")
-    tokens = None
-    if int(raw[5]) >= 0:
-        tokens = WindowStatus(limit=int(raw[5]), remaining=int(raw[6]), reset_seconds=int(raw[7]) / 1000.0)
-    requests = None
-    if int(raw[8]) >= 0:
-        requests = WindowStatus(limit=int(raw[8]), remaining=int(raw[9]), reset_seconds=int(raw[10]) / 1000.0)
+    n_over = int(raw[15])
+    over = tuple((_text(raw[i]), int(raw[i + 1]), int(raw[i + 2])) for i in range(16, 16 + 3 * n_over, 3))
+    rest = raw[16 + 3 * n_over:]
+    thresholds = tuple(
+        Threshold(scope=_text(rest[i]), rule=int(rest[i + 1]), percent=int(rest[i + 2]), used=int(rest[i + 3]),
+                  limit=int(rest[i + 4]), period_end=int(rest[i + 5]) / 1000.0)
+        for i in range(0, len(rest) - 5, 6)
+    )
+    alerts: list[str] = []
+    for scope, _, _ in over:
+        if scope not in alerts:
+            alerts.append(scope)
+    denied_rule = int(raw[5])
     return Decision(
         allowed=status == 1,
         pool=_text(raw[1]) or None,
         retry_after_seconds=int(raw[2]) / 1000.0,
         denied_scope=_text(raw[3]) or None,
         denied_kind=_text(raw[4]) or None,
-        tokens=tokens,
-        requests=requests,
-        alerts=tuple(_text(a) for a in raw[11:]),
+        denied_rule=denied_rule if denied_rule >= 0 else None,
+        tokens=_status(raw, 6),
+        requests=_status(raw, 9),
+        quota=_status(raw, 12),
+        alerts=tuple(alerts),
+        over=over,
+        thresholds=thresholds,
     )

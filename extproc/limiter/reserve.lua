@@ -1,351 +1,450 @@
--- Token Meter admission: reserve an estimate on every scope of a request's path, all-or-nothing,
--- then on the first pool (in preference order) whose token ceiling has room. One EVALSHA per decision.
+-- Token Meter admission: reserve a request's input estimate and output reservation on every rule of every
+-- scope of its path, all-or-nothing, then on the first pool (in preference order) whose token ceiling has
+-- room. One EVALSHA per decision. The same algorithm as memory.py (see README.md in this package).
 --
--- Windows are exact sliding logs (time from the server's TIME, so every replica shares one clock):
---   minute window  ZSET "<prefix>:w:<scope>:1m"  one entry per admitted request, score = admission ms,
---                  member = "<tokens>|<request id>" (pools: "<tokens>|<record key>"); it serves tokens/min (sum of the costs) and
---                  requests/min (number of entries). The running token total is the member "#" whose
---                  score is -1 - total (negative, so it never falls in an eviction range).
---   hour window    ZSET "<prefix>:w:<scope>:1h"  member = request id (requests/hour).
---   quota          HASH "<prefix>:q:<scope>"     {p = period id, t = tokens, r = requests}, reset when the
---                  UTC day/month changes, expiring at the period's end.
---   pools          ZSET "tm:{pool:<name>}:1m"     a minute window like a scope's.
--- Every window key expires one window (+1 s) after its last write, so idle keys vanish.
+-- Counters (one KEY each; the rules of a scope that share a counter share it):
+--   sliding window  ZSET, one entry per admitted request, score = admission ms (Redis TIME: one clock for
+--                   every replica), member "<input>|<output>|<request id>" (pools: "...|<record key>"); the
+--                   running totals are the members "#i" and "#o" with score -1 - total (negative: never in
+--                   an eviction range). Requests = entries. Expires one window (+1 s) after its last write.
+--   calendar        HASH {p = period start ms, e = period end ms, i, o, r, a<mark> = threshold marks}; the
+--                   period's bounds come from the caller (the tenant's time zone and anchor day, on the
+--                   caller's clock); a stored later period is kept (a replica whose clock is behind never
+--                   resets it). Waits and resets until a period's end are measured on the caller's clock
+--                   (ARGV 4), never on Redis TIME. Expires a day after it ends (on the caller's clock).
+--   concurrency     ZSET member = request id, score = lease end ms; settle.lua removes it.
 --
--- KEYS[1]                 reservation record (HASH), deleted by settle.lua
--- per scope (3 keys)      minute zset, hour zset, quota hash
--- per pool (1 key)        pool minute zset
--- ARGV[1..8]              request id, tokens, tokens/requests-per-minute window ms, requests-per-hour window
---                         ms, reservation min ttl ms, number of scopes, number of pools, pools reserved by
---                         a later call (cluster mode: the names of the candidate pools, newline-separated,
---                         kept in the record so that settlement finds the pool's record; '' otherwise)
--- per scope (8 args)      name, enforce (1|0), tpm, rpm, rph, quota tokens, quota requests, period (d|m)
---                         ('' = no limit)
--- per pool (2 args)       name, tpm ceiling ('' = none)
+-- KEYS[1]  reservation record (HASH), deleted by settle.lua; then one key per counter, then one per pool.
+-- ARGV     1 request id, 2 input tokens, 3 output tokens, 4 the caller's wall clock (epoch ms: calendar
+--          periods), 5 reservation min ttl ms, 6 lease ms, 7 number of scopes, 8 number of pools, 9 pools
+--          reserved by a later call (cluster mode: their names, newline-separated, kept in the record for
+--          settlement; '' otherwise), 10 pool window ms,
+--          then per scope: name, enforce (1|0), number of counters; per counter: type (w|q|c), p1, p2
+--          (w: window ms, ''; q: period start ms, period end ms; c: '', ''), number of rules; per rule:
+--          index in the scope, measure (t|i|o|r|c), limit, enforce (1|0), thresholds ("80,100" or '');
+--          then per pool: name, ceiling ('' = none), low line, owner, guaranteed, maximum, number of other
+--          owners, (owner, guaranteed) each (see Phase 2).
 --
--- Reply: {status, pool, retry_ms, denied_scope, denied_kind,
---         tok_limit, tok_remaining, tok_reset_ms, req_limit, req_remaining, req_reset_ms, alert...}
+-- Reply: {status, pool, retry_ms, denied_scope, denied_kind, denied_rule,
+--         tok_limit, tok_remaining, tok_reset_ms, req_limit, req_remaining, req_reset_ms,
+--         quota_limit, quota_remaining, quota_reset_ms, n_over, (scope, rule, used with this request) * n_over,
+--         (scope, rule, percent, used, limit, period_end_ms) * thresholds}
 -- status 1 = admitted, 0 = denied, 2 = the request id already holds a live reservation (nothing written);
--- a limit of -1 means "no window to report".
+-- a limit of -1 means "no window to report"; denied_rule -1: none.
 
 local rid = ARGV[1]
-local cost_s = ARGV[2]
-local cost = tonumber(cost_s)
-local w_min = tonumber(ARGV[3])
-local w_hour = tonumber(ARGV[4])
+local cin = tonumber(ARGV[2])
+local cout = tonumber(ARGV[3])
+local wall = tonumber(ARGV[4])
 local res_ttl = tonumber(ARGV[5])
-local nscopes = tonumber(ARGV[6])
-local npools = tonumber(ARGV[7])
-local later_pools = ARGV[8]
+local lease = tonumber(ARGV[6])
+local nscopes = tonumber(ARGV[7])
+local npools = tonumber(ARGV[8])
+local later_pools = ARGV[9]
+local w_pool = tonumber(ARGV[10])
 local SLACK = 1000 -- ms a window key outlives its newest entry
-local SUM = '#'
+local DAY = 86400000
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {2}
 end
 
 local t = redis.call('TIME')
-local sec = tonumber(t[1])
-local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
--- Calendar periods (UTC), H. Hinnant's civil-date algorithms; the same as memory.py.
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m > 2) and (m - 3) or (m + 9)
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
+local function cost_for(m)
+  if m == 't' then return cin + cout elseif m == 'i' then return cin elseif m == 'o' then return cout end
+  return 1
 end
 
-local function civil_from_days(z)
-  z = z + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = (mp < 10) and (mp + 3) or (mp - 9)
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return y, m
+local function parse(member)
+  local a, b = string.match(member, '^(%d+)|(%d+)|')
+  return tonumber(a), tonumber(b)
 end
 
-local periods = {}
-local function period(kind)
-  local p = periods[kind]
-  if p then return p[1], p[2] end
-  local days = math.floor(sec / 86400)
-  local id, ends
-  if kind == 'd' then
-    id, ends = days, (days + 1) * 86400000
+local function entry_cost(member, m)
+  local a, b = parse(member)
+  if m == 't' then return a + b elseif m == 'i' then return a elseif m == 'o' then return b end
+  return 1
+end
+
+-- A sliding window: evict what left it; {key, width, input total, output total, markers, count}
+local function window(zkey, w)
+  local s = redis.call('ZMSCORE', zkey, '#i', '#o')
+  local ti, to, markers = 0, 0, 0
+  if s[1] and s[2] then
+    ti, to, markers = -1 - tonumber(s[1]), -1 - tonumber(s[2]), 2
   else
-    local y, m = civil_from_days(days)
-    local ny, nm = y, m + 1
-    if nm == 13 then ny, nm = y + 1, 1 end
-    id, ends = y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400000
+    if s[1] then markers = markers + 1 end
+    if s[2] then markers = markers + 1 end
+    for _, m in ipairs(redis.call('ZRANGEBYSCORE', zkey, 0, '+inf')) do
+      local a, b = parse(m)
+      ti, to = ti + a, to + b
+    end
   end
-  periods[kind] = {id, ends}
-  return id, ends
-end
-
-local function cost_of(member)
-  return tonumber(string.match(member, '^%d+'))
-end
-
-local function sum_entries(zkey)
-  local total = 0
-  for _, m in ipairs(redis.call('ZRANGE', zkey, 0, -1)) do
-    if m ~= SUM then total = total + cost_of(m) end
-  end
-  return total
-end
-
--- A minute window: evict entries older than the window, return (total tokens, entries).
--- `want_count`: the number of entries is needed (a requests/min limit).
--- (Reading the running total with ZSCORE and the stale entries with ZRANGEBYSCORE is ~3x cheaper on the
--- server than one ZRANGE ... WITHSCORES of the window's head: formatting scores dominates.)
-local function minute_window(zkey, want_count)
-  local cutoff = now - w_min
-  local s = redis.call('ZSCORE', zkey, SUM)
-  local total, marker
-  if s then
-    total, marker = -1 - tonumber(s), 1
-  else
-    total, marker = sum_entries(zkey), 0 -- a new window (or one that lost its total: rebuild it)
-  end
-  local old = redis.call('ZRANGEBYSCORE', zkey, 0, cutoff)
+  local old = redis.call('ZRANGEBYSCORE', zkey, 0, now - w)
   if #old > 0 then
-    for j = 1, #old do total = total - cost_of(old[j]) end
-    redis.call('ZREMRANGEBYSCORE', zkey, 0, cutoff)
+    for j = 1, #old do
+      local a, b = parse(old[j])
+      ti, to = ti - a, to - b
+    end
+    redis.call('ZREMRANGEBYSCORE', zkey, 0, now - w)
+    -- the stored totals follow the eviction now, whether or not this request is admitted (a denial that
+    -- evicted would otherwise leave them counting entries that are gone)
+    if markers == 2 then redis.call('ZADD', zkey, -1 - ti, '#i', -1 - to, '#o') end
   end
-  if total < 0 then total = sum_entries(zkey) end -- never expected; self-healing
-  local n = 0
-  if want_count then
-    n = redis.call('ZCARD', zkey) - marker
-  end
-  return total, n
+  local n = redis.call('ZCARD', zkey) - markers
+  return {key = zkey, w = w, ti = ti, to = to, markers = markers, n = n}
 end
 
--- Milliseconds until enough of the oldest entries leave a minute window for `c` more tokens to fit.
-local function token_wait(zkey, total, c, limit)
-  local need = total + c - limit
+local function used_in(win, m)
+  if m == 't' then return win.ti + win.to elseif m == 'i' then return win.ti elseif m == 'o' then return win.to end
+  return win.n
+end
+
+-- ms until enough of the oldest entries leave the window for `c` more of measure `m` to fit `limit`
+local function window_wait(win, m, c, limit)
+  if m == 'r' then
+    local e = redis.call('ZRANGE', win.key, win.markers + win.n - limit, win.markers + win.n - limit, 'WITHSCORES')
+    return tonumber(e[2]) + win.w - now
+  end
+  local need = used_in(win, m) + c - limit
   local freed = 0
-  local start = 1
+  local start = win.markers
   while true do
-    local batch = redis.call('ZRANGE', zkey, start, start + 63, 'WITHSCORES')
-    if #batch == 0 then return w_min end
+    local batch = redis.call('ZRANGE', win.key, start, start + 63, 'WITHSCORES')
+    if #batch == 0 then return win.w end
     for i = 1, #batch, 2 do
-      freed = freed + cost_of(batch[i])
-      if freed >= need then return tonumber(batch[i + 1]) + w_min - now end
+      freed = freed + entry_cost(batch[i], m)
+      if freed >= need then return tonumber(batch[i + 1]) + win.w - now end
     end
     start = start + 64
   end
 end
 
--- Milliseconds until a window of n entries holds fewer than `limit` (the first entry is at `first`).
-local function request_wait(zkey, n, limit, w, first)
-  local e = redis.call('ZRANGE', zkey, first + n - limit, first + n - limit, 'WITHSCORES')
-  return tonumber(e[2]) + w - now
+local function drained_in(win)
+  local e = redis.call('ZRANGE', win.key, -1, -1, 'WITHSCORES')
+  if #e == 0 or string.sub(e[1], 1, 1) == '#' then return 0 end
+  return tonumber(e[2]) + win.w - now
 end
 
-local function drained_in(zkey, w)
-  local e = redis.call('ZRANGE', zkey, -1, -1, 'WITHSCORES')
-  if #e == 0 or e[1] == SUM then return 0 end
-  return tonumber(e[2]) + w - now
+local function quota_used(q, m)
+  if m == 't' then return q.i + q.o elseif m == 'i' then return q.i elseif m == 'o' then return q.o end
+  return q.r
 end
 
--- Phase 1: read (and evict) every window and quota, collect violations.
-local minutes = {}   -- {zkey, total}
-local hours = {}     -- zkey
-local quotas = {}    -- {qkey, period id, period end, used tokens, used requests, same period}
-local record = {}    -- reservation record fields
-local alerts = {}
-local too_large = nil
-local deny_scope, deny_kind, deny_wait = nil, nil, -1
-local tt_limit, tt_total, tt_key = nil, 0, nil
-local tr_limit, tr_count, tr_key = nil, 0, nil
+-- The enforced rule with the least room, per header family:
+-- {limit, used, cost, reset (-1: until its window drains), reset once admitted, its window}
+local tight = {}
+local function offer(family, limit, used, c, reset, reset_admitted, win)
+  local b = tight[family]
+  if b == nil or limit - used < b[1] - b[2] then tight[family] = {limit, used, c, reset, reset_admitted, win} end
+end
 
-for i = 0, nscopes - 1 do
-  local kb = 1 + i * 3
-  local ab = 8 + i * 8
-  local name = ARGV[ab + 1]
-  local enforce = ARGV[ab + 2] == '1'
-  local tpm = tonumber(ARGV[ab + 3])
-  local rpm = tonumber(ARGV[ab + 4])
-  local rph = tonumber(ARGV[ab + 5])
-  local qt = tonumber(ARGV[ab + 6])
-  local qr = tonumber(ARGV[ab + 7])
-  local violations = {}
-  local flags, pid_s = '', ''
-
-  if tpm or rpm then
-    flags = flags .. 'm'
-    local zkey = KEYS[kb + 1]
-    local total, n = minute_window(zkey, rpm ~= nil)
-    minutes[#minutes + 1] = {zkey, total}
-    if tpm then
-      if cost > tpm then
-        violations[#violations + 1] = {'too_large', 0}
-      elseif total + cost > tpm then
-        violations[#violations + 1] = {'tokens', token_wait(zkey, total, cost, tpm)}
+-- Phase 1: read every counter, collect violations.
+local windows, quotas, slots, seen = {}, {}, {}, {}
+local watch = {}      -- {scope, rule index, measure, limit, quota, percents string, mark}
+local over = {}
+local scope_alert = {}
+local too_large, too_large_rule = nil, -1
+local deny_scope, deny_kind, deny_rule, deny_wait, deny_q = nil, nil, -1, -1, nil
+local kinds = {t = 'tokens', i = 'input_tokens', o = 'output_tokens', r = 'requests'}
+local a = 11
+local k = 2
+for _ = 1, nscopes do
+  local name = ARGV[a]
+  local scope_enforce = ARGV[a + 1] == '1'
+  local ncounters = tonumber(ARGV[a + 2])
+  a = a + 3
+  local scope_over = false
+  for _ = 1, ncounters do
+    local typ, p1, p2, nrules = ARGV[a], ARGV[a + 1], ARGV[a + 2], tonumber(ARGV[a + 3])
+    a = a + 4
+    local key = KEYS[k]
+    k = k + 1
+    local win, q, c_n
+    if typ == 'w' then
+      win = seen[key]
+      if not win then
+        win = window(key, tonumber(p1))
+        seen[key] = win
+        windows[#windows + 1] = win
       end
-      if enforce and (tt_limit == nil or tpm - total < tt_limit - tt_total) then
-        tt_limit, tt_total, tt_key = tpm, total, zkey
+    elseif typ == 'q' then
+      q = seen[key]
+      if not q then
+        local start, ends = tonumber(p1), tonumber(p2)
+        local h = redis.call('HMGET', key, 'p', 'i', 'o', 'r', 'e')
+        local stored = tonumber(h[1])
+        q = {key = key, p = start, ends = ends, i = 0, o = 0, r = 0, same = false}
+        if stored and stored >= start then
+          q.p, q.same = stored, true
+          q.i, q.o, q.r = tonumber(h[2]) or 0, tonumber(h[3]) or 0, tonumber(h[4]) or 0
+          if stored > start then q.ends = tonumber(h[5]) or ends end -- a later period: its own end
+        end
+        seen[key] = q
+        quotas[#quotas + 1] = q
       end
-    end
-    if rpm then
-      if rpm < 1 then
-        violations[#violations + 1] = {'too_large', 0}
-      elseif n + 1 > rpm then
-        violations[#violations + 1] = {'requests', request_wait(zkey, n, rpm, w_min, 1)}
-      end
-      if enforce and (tr_limit == nil or rpm - n < tr_limit - tr_count) then
-        tr_limit, tr_count, tr_key = rpm, n, zkey
-      end
-    end
-  end
-  if rph then
-    flags = flags .. 'h'
-    local zkey = KEYS[kb + 2]
-    redis.call('ZREMRANGEBYSCORE', zkey, 0, now - w_hour)
-    local n = redis.call('ZCARD', zkey)
-    hours[#hours + 1] = zkey
-    if rph < 1 then
-      violations[#violations + 1] = {'too_large', 0}
-    elseif n + 1 > rph then
-      violations[#violations + 1] = {'requests', request_wait(zkey, n, rph, w_hour, 0)}
-    end
-  end
-  if qt or qr then
-    flags = flags .. 'q'
-    local qkey = KEYS[kb + 3]
-    local pid, pend = period(ARGV[ab + 8])
-    pid_s = tostring(pid)
-    local q = redis.call('HMGET', qkey, 'p', 't', 'r')
-    local used_t, used_r, same = 0, 0, false
-    if tonumber(q[1]) == pid then
-      used_t, used_r, same = tonumber(q[2]) or 0, tonumber(q[3]) or 0, true
-    end
-    quotas[#quotas + 1] = {qkey, pid, pend, used_t, used_r, same}
-    if qt then
-      if cost > qt then
-        violations[#violations + 1] = {'too_large', 0}
-      elseif used_t + cost > qt then
-        violations[#violations + 1] = {'quota_tokens', pend - now}
-      end
-    end
-    if qr then
-      if qr < 1 then
-        violations[#violations + 1] = {'too_large', 0}
-      elseif used_r + 1 > qr then
-        violations[#violations + 1] = {'quota_requests', pend - now}
-      end
-    end
-  end
-  if flags ~= '' then
-    record[#record + 1] = 's' .. i
-    record[#record + 1] = flags .. ':' .. pid_s .. ':' .. name
-  end
-
-  if #violations > 0 then
-    if not enforce then
-      alerts[#alerts + 1] = name
     else
-      for _, v in ipairs(violations) do
-        if v[1] == 'too_large' then
-          if too_large == nil then too_large = name end
-        elseif v[2] > deny_wait then
-          deny_scope, deny_kind, deny_wait = name, v[1], v[2]
+      c_n = seen[key]
+      if not c_n then
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+        c_n = {key = key, n = redis.call('ZCARD', key)}
+        seen[key] = c_n
+        slots[#slots + 1] = c_n
+      end
+    end
+    for _ = 1, nrules do
+      local idx, m, limit, enforce, pcts = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2]), ARGV[a + 3] == '1', ARGV[a + 4]
+      a = a + 5
+      enforce = enforce and scope_enforce
+      local c = cost_for(m)
+      local large, wait, kind, used = false, nil, nil, 0
+      if typ == 'w' then
+        used = used_in(win, m)
+        kind = kinds[m]
+        if c > limit or limit < 1 then
+          large = true
+        elseif used + c > limit then
+          wait = window_wait(win, m, c, limit)
+        end
+        if enforce then
+          local fam = 'tok'
+          if m == 'r' then fam = 'req' end
+          offer(fam, limit, used, c, -1, win.w, win)
+        end
+      elseif typ == 'q' then
+        used = quota_used(q, m)
+        kind = 'quota_' .. kinds[m]
+        if c > limit or limit < 1 then
+          large = true
+        elseif used + c > limit then
+          wait = q.ends - wall
+          if wait < 0 then wait = 0 end
+        end
+        local left = q.ends - wall
+        if left < 0 then left = 0 end
+        if enforce and m ~= 'r' then offer('quota', limit, used, c, left, left, nil) end
+        if pcts ~= '' then watch[#watch + 1] = {name, idx, m, limit, q, pcts} end
+      else
+        kind = 'concurrent'
+        used = c_n.n
+        if limit < 1 then
+          large = true
+        elseif c_n.n + 1 > limit then
+          wait = 1000 -- a slot frees when a request in flight ends: unknown, so soon
+        end
+      end
+      if large or wait then
+        if not enforce then
+          scope_over = true
+          over[#over + 1] = name
+          over[#over + 1] = idx
+          over[#over + 1] = used + c
+        elseif large then
+          if too_large == nil then too_large, too_large_rule = name, idx end
+        elseif deny_kind == nil or wait > deny_wait then
+          deny_scope, deny_kind, deny_rule, deny_wait = name, kind, idx, wait
+          deny_q = nil
+          if typ == 'q' then deny_q = {name, idx, m, limit, q, pcts} end
         end
       end
     end
   end
+  if scope_over then scope_alert[#scope_alert + 1] = name end
 end
 
-local function reply(status, pool, wait, scope, kind, admitted)
-  local out = {status, pool or '', wait, scope or '', kind or '', -1, 0, 0, -1, 0, 0}
-  if tt_limit then
-    local used = tt_total
-    if admitted then used = used + cost end
-    out[6], out[7] = tt_limit, math.max(0, tt_limit - used)
-    out[8] = admitted and w_min or drained_in(tt_key, w_min)
+local function status(family, admitted)
+  local b = tight[family]
+  if b == nil then return -1, 0, 0 end
+  local used, reset = b[2], b[4]
+  if admitted then
+    used, reset = used + b[3], b[5]
+  elseif reset == -1 then
+    reset = drained_in(b[6])
   end
-  if tr_limit then
-    local used = tr_count
-    if admitted then used = used + 1 end
-    out[9], out[10] = tr_limit, math.max(0, tr_limit - used)
-    out[11] = admitted and w_min or drained_in(tr_key, w_min)
+  local rem = b[1] - used
+  if rem < 0 then rem = 0 end
+  return b[1], rem, reset
+end
+
+local function mark(m, limit, pct)
+  return 'a' .. m .. limit .. ':' .. pct
+end
+
+local function reply(st, pool, wait, scope, kind, rule, admitted, crossed)
+  local out = {st, pool or '', wait, scope or '', kind or '', rule}
+  for _, fam in ipairs({'tok', 'req', 'quota'}) do
+    local l, r, s = status(fam, admitted)
+    out[#out + 1] = l
+    out[#out + 1] = r
+    out[#out + 1] = s
   end
-  for i = 1, #alerts do out[11 + i] = alerts[i] end
+  out[#out + 1] = #over / 3
+  for _, v in ipairs(over) do out[#out + 1] = v end
+  for _, v in ipairs(crossed) do out[#out + 1] = v end
   return out
 end
 
-if too_large then return reply(0, nil, 0, too_large, 'too_large', false) end
-if deny_kind then return reply(0, nil, deny_wait, deny_scope, deny_kind, false) end
+if too_large then return reply(0, nil, 0, too_large, 'too_large', too_large_rule, false, {}) end
+if deny_kind then
+  -- a billing-period quota that refuses a request has reached its line: its 100 % threshold
+  local crossed = {}
+  if deny_q and deny_q[5].same then
+    for pct in string.gmatch(deny_q[6], '%d+') do
+      if pct == '100' and redis.call('HSETNX', deny_q[5].key, mark(deny_q[3], deny_q[4], 100), 1) == 1 then
+        crossed = {deny_q[1], deny_q[2], 100, quota_used(deny_q[5], deny_q[3]), deny_q[4], deny_q[5].ends}
+      end
+    end
+  end
+  return reply(0, nil, deny_wait, deny_scope, deny_kind, deny_rule, false, crossed)
+end
 
--- Phase 2: the first pool in preference order with room.
-local chosen, chosen_key, chosen_total = nil, nil, 0
+-- Phase 2: the first pool in preference order with room (memory.py's _pool_fit, line for line).
+-- Per pool, ARGV: name, ceiling ('' = none), low line, owner ('' = none), guaranteed, maximum, number of
+-- other owners, then (owner, guaranteed) each; KEYS: window, spill flag, owner's window, owner's demand
+-- flag, then (window, demand flag) of each other owner.
+local total = cin + cout
+local chosen, chosen_win, chosen_own = nil, nil, nil
 if npools > 0 then
   local pool_wait = -1
-  local pb = 8 + nscopes * 8
-  local kb = 1 + nscopes * 3
-  for j = 0, npools - 1 do
-    local name = ARGV[pb + j * 2 + 1]
-    local ceiling = tonumber(ARGV[pb + j * 2 + 2])
+  for _ = 1, npools do
+    local name, ceiling, low = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+    local owner, guaranteed, maximum = ARGV[a + 3], tonumber(ARGV[a + 4]), tonumber(ARGV[a + 5])
+    local nothers = tonumber(ARGV[a + 6])
+    local wkey, spill_key, own_key, demand_key = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
+    local others_a, others_k = a + 7, k + 4
+    a = a + 7 + 2 * nothers
+    k = k + 4 + 2 * nothers
     if not ceiling then
       chosen = name
       break
     end
-    local zkey = KEYS[kb + j + 1]
-    local total = minute_window(zkey, false)
-    if cost <= ceiling then
-      if total + cost <= ceiling then
-        chosen, chosen_key, chosen_total = name, zkey, total
-        break
-      end
-      local wait = token_wait(zkey, total, cost, ceiling)
-      if pool_wait < 0 or wait < pool_wait then pool_wait = wait end
+    local win = window(wkey, w_pool)
+    local used = win.ti + win.to
+    local own = nil
+    local cap = ceiling
+    if owner ~= '' then
+      own = window(own_key, w_pool)
+      if maximum and maximum < cap then cap = maximum end
     end
+    local wait = -1
+    local fits = false
+    if total <= cap then
+      if own and own.ti + own.to + total > cap then
+        wait = window_wait(own, 't', total, cap)
+      else
+        local within = own ~= nil and own.ti + own.to + total <= guaranteed
+        local held = 0
+        if not within then
+          for j = 0, nothers - 1 do
+            local theirs = window(KEYS[others_k + 2 * j], w_pool)
+            local their_used = theirs.ti + theirs.to
+            if their_used > 0 or redis.call('EXISTS', KEYS[others_k + 2 * j + 1]) == 1 then
+              local g = tonumber(ARGV[others_a + 2 * j + 1])
+              if g > their_used then held = held + g - their_used end
+            end
+          end
+        end
+        local spilling = redis.call('EXISTS', spill_key) == 1
+        local line = ceiling
+        if spilling then line = low end
+        if used + total + held <= line then
+          fits = true
+          if spilling then redis.call('DEL', spill_key) end
+        else
+          if used + total > ceiling then
+            redis.call('SET', spill_key, 1, 'PX', w_pool)
+            if within then redis.call('SET', demand_key, 1, 'PX', w_pool) end
+          end
+          local need = line - held
+          if need < total then
+            wait = w_pool
+          else
+            wait = window_wait(win, 't', total, need)
+          end
+        end
+      end
+    end
+    if fits then
+      chosen, chosen_win, chosen_own = name, win, own
+      break
+    end
+    if wait >= 0 and (pool_wait < 0 or wait < pool_wait) then pool_wait = wait end
   end
   if not chosen then
-    if pool_wait < 0 then return reply(0, nil, 0, 'pool', 'too_large', false) end
-    return reply(0, nil, pool_wait, 'pool', 'pool', false)
+    if pool_wait < 0 then return reply(0, nil, 0, 'pool', 'too_large', -1, false, {}) end
+    return reply(0, nil, pool_wait, 'pool', 'pool', -1, false, {})
   end
 end
 
 -- Phase 3: write everything.
-local member = cost_s .. '|' .. rid
-local pool_member = cost_s .. '|' .. KEYS[1] -- unique across tenants
+local record = {}
+local function add(win, id)
+  redis.call('ZADD', win.key, now, cin .. '|' .. cout .. '|' .. id,
+             -1 - (win.ti + cin), '#i', -1 - (win.to + cout), '#o')
+  redis.call('PEXPIRE', win.key, win.w + SLACK)
+end
 local ttl = res_ttl
-local win_ttl = w_min + SLACK
-for _, mw in ipairs(minutes) do
-  redis.call('ZADD', mw[1], now, member, -1 - (mw[2] + cost), SUM)
-  redis.call('PEXPIRE', mw[1], win_ttl)
+if lease > ttl then ttl = lease end
+for n, win in ipairs(windows) do
+  add(win, rid)
+  if 2 * win.w > ttl then ttl = 2 * win.w end
+  record[#record + 1] = 'k' .. n
+  record[#record + 1] = 'w||' .. win.key
 end
-if #minutes > 0 and 2 * w_min > ttl then ttl = 2 * w_min end
-for _, zkey in ipairs(hours) do
-  redis.call('ZADD', zkey, now, rid)
-  redis.call('PEXPIRE', zkey, w_hour + SLACK)
+for n, q in ipairs(quotas) do
+  if q.same then
+    redis.call('HSET', q.key, 'i', q.i + cin, 'o', q.o + cout, 'r', q.r + 1)
+  else
+    redis.call('DEL', q.key)
+    redis.call('HSET', q.key, 'p', q.p, 'e', q.ends, 'i', cin, 'o', cout, 'r', 1)
+    redis.call('PEXPIRE', q.key, math.max(1, q.ends - wall) + DAY) -- on the caller's clock, as the period
+  end
+  q.i, q.o, q.r, q.same = q.i + cin, q.o + cout, q.r + 1, true
+  record[#record + 1] = 'q' .. n
+  record[#record + 1] = 'q|' .. q.p .. '|' .. q.key
 end
-if #hours > 0 and 2 * w_hour > ttl then ttl = 2 * w_hour end
-for _, q in ipairs(quotas) do
-  redis.call('HSET', q[1], 'p', q[2], 't', q[4] + cost, 'r', q[5] + 1)
-  if not q[6] then redis.call('PEXPIREAT', q[1], q[3]) end
+for n, c_n in ipairs(slots) do
+  redis.call('ZADD', c_n.key, now + lease, rid)
+  redis.call('PEXPIRE', c_n.key, lease + SLACK)
+  record[#record + 1] = 'c' .. n
+  record[#record + 1] = 'c||' .. c_n.key
 end
-if chosen_key then
-  redis.call('ZADD', chosen_key, now, pool_member, -1 - (chosen_total + cost), SUM)
-  redis.call('PEXPIRE', chosen_key, win_ttl)
+if chosen_win then
+  add(chosen_win, KEYS[1]) -- the record key: unique across tenants
   record[#record + 1] = 'p'
   record[#record + 1] = chosen
+  record[#record + 1] = 'pk'
+  record[#record + 1] = chosen_win.key
+  if chosen_own then
+    add(chosen_own, KEYS[1])
+    record[#record + 1] = 'po'
+    record[#record + 1] = chosen_own.key
+  end
 end
 if later_pools ~= '' then
   record[#record + 1] = 'P'
   record[#record + 1] = later_pools
 end
 
-redis.call('HSET', KEYS[1], 'id', rid, 'c', cost_s, unpack(record))
+redis.call('HSET', KEYS[1], 'id', rid, 'ci', cin, 'co', cout, unpack(record))
 redis.call('PEXPIRE', KEYS[1], ttl)
 
-return reply(1, chosen, 0, nil, nil, true)
+local crossed = {}
+for _, wq in ipairs(watch) do
+  local q = wq[5]
+  local used = quota_used(q, wq[3])
+  for pct in string.gmatch(wq[6], '%d+') do
+    if used * 100 >= tonumber(pct) * wq[4] and redis.call('HSETNX', q.key, mark(wq[3], wq[4], pct), 1) == 1 then
+      crossed[#crossed + 1] = wq[1]
+      crossed[#crossed + 1] = wq[2]
+      crossed[#crossed + 1] = tonumber(pct)
+      crossed[#crossed + 1] = used
+      crossed[#crossed + 1] = wq[4]
+      crossed[#crossed + 1] = q.ends
+    end
+  end
+end
+
+return reply(1, chosen, 0, nil, nil, -1, true, crossed)

@@ -1,10 +1,12 @@
-"""The policy: typed values, the strict file loader and the hot-reloading store."""
+"""The policy: typed values, the strict file loader (on the pydantic schema of the file) and the
+hot-reloading store."""
 
 from extproc.policy.keys import hash_key
 from extproc.policy.loader import PolicyError, load_policy, parse_policy
 from extproc.policy.model import (
     Action,
     ApiKey,
+    LimitRule,
     Limits,
     Mode,
     OverCap,
@@ -15,12 +17,14 @@ from extproc.policy.model import (
     RequestRules,
     Team,
     Tenant,
+    TrustedHeaders,
 )
 from extproc.policy.watch import PolicyStore
 
 __all__ = [
     "Action",
     "ApiKey",
+    "LimitRule",
     "Limits",
     "Mode",
     "OverCap",
@@ -33,6 +37,7 @@ __all__ = [
     "RequestRules",
     "Team",
     "Tenant",
+    "TrustedHeaders",
     "hash_key",
     "load_policy",
     "parse_policy",

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from extproc.billing.catalog import PriceCatalog
+from extproc.limiter.types import Measure
 
 
 class Mode(StrEnum):
@@ -22,32 +23,106 @@ class Action(StrEnum):
 
 
 class Period(StrEnum):
+    """A calendar period of an access quota, in the tenant's time zone."""
+
     DAY = "day"
-    MONTH = "month"
+    WEEK = "week"  # from Monday 00:00
+    MONTH = "month"  # from the tenant's anchor day (`billing_anchor_day`) 00:00
+
+
+@dataclass(frozen=True)
+class LimitRule:
+    """One limit: a measure, a number, and what it is counted over.
+
+    Exactly one of `window_s` (an exact sliding window, a second to days) and `period` (a calendar
+    period of the scope's tenant) is set, except for `Measure.CONCURRENT`, which has neither.
+    """
+
+    measure: Measure
+    limit: int
+    window_s: float | None = None
+    period: Period | None = None
+    # canonical model names the rule is narrowed to (aliases resolved at load); None: every model.
+    # A request for another model is not counted by this rule.
+    models: frozenset[str] | None = None
+    action: Action = Action.THROTTLE
+    # percents of the limit (calendar rules) that raise an alert event once per period per scope
+    alert_at: tuple[int, ...] = ()
+
+    def applies_to(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+    @property
+    def describe(self) -> str:
+        """How it reads in an error: "output tokens per hour", "requests in flight", "token quota per month"."""
+        what = {
+            Measure.TOKENS: "tokens",
+            Measure.INPUT_TOKENS: "input tokens",
+            Measure.OUTPUT_TOKENS: "output tokens",
+            Measure.REQUESTS: "requests",
+            Measure.CONCURRENT: "requests in flight",
+        }[self.measure]
+        if self.period is not None:
+            text = f"{what} per {self.period.value} (billing period)"
+        elif self.window_s is not None:
+            text = f"{what} per {window_text(self.window_s)}"
+        else:
+            text = what
+        if self.models is not None:
+            text += f" of {', '.join(sorted(self.models))}"
+        return text
+
+
+def window_text(seconds: float) -> str:
+    """60 -> "minute", 3600 -> "hour", 1 -> "second", 90 -> "90s", 7200 -> "2h"."""
+    names = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+    if seconds in names:
+        return names[seconds]
+    for size, suffix in ((86400.0, "d"), (3600.0, "h"), (60.0, "m")):
+        if seconds % size == 0:
+            return f"{int(seconds // size)}{suffix}"
+    return f"{seconds:g}s"
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Limits of one scope. None means unlimited."""
+    """Limits of one scope: its rules (none: unlimited) and the action of a rule that names none."""
 
-    tokens_per_minute: int | None = None
-    requests_per_minute: int | None = None
-    requests_per_hour: int | None = None
-    # access quota per calendar period (UTC), e.g. a monthly token budget
-    quota_tokens: int | None = None
-    quota_requests: int | None = None
-    quota_period: Period = Period.MONTH
+    rules: tuple[LimitRule, ...] = ()
     action: Action = Action.THROTTLE
 
     @property
     def empty(self) -> bool:
-        return (
-            self.tokens_per_minute is None
-            and self.requests_per_minute is None
-            and self.requests_per_hour is None
-            and self.quota_tokens is None
-            and self.quota_requests is None
-        )
+        return not self.rules
+
+    @classmethod
+    def of(
+        cls,
+        *,
+        tokens_per_minute: int | None = None,
+        requests_per_minute: int | None = None,
+        requests_per_hour: int | None = None,
+        quota_tokens: int | None = None,
+        quota_requests: int | None = None,
+        quota_period: Period = Period.MONTH,
+        concurrent_requests: int | None = None,
+        action: Action = Action.THROTTLE,
+        alert_at: tuple[int, ...] = (),
+    ) -> Limits:
+        """The policy file's shorthand keys as rules (the same mapping the loader applies)."""
+        rules: list[LimitRule] = []
+        for value, measure, window, period in (
+            (tokens_per_minute, Measure.TOKENS, 60.0, None),
+            (requests_per_minute, Measure.REQUESTS, 60.0, None),
+            (requests_per_hour, Measure.REQUESTS, 3600.0, None),
+            (quota_tokens, Measure.TOKENS, None, quota_period),
+            (quota_requests, Measure.REQUESTS, None, quota_period),
+            (concurrent_requests, Measure.CONCURRENT, None, None),
+        ):
+            if value is not None:
+                rules.append(LimitRule(measure, value, window_s=window, period=period, action=action,
+                                       alert_at=alert_at if period is not None else ()))
+        return cls(rules=tuple(rules), action=action)
 
 
 @dataclass(frozen=True)
@@ -69,6 +144,10 @@ class Tenant:
     limits: Limits = field(default_factory=Limits)
     projects: Mapping[str, Project] = field(default_factory=dict)
     mode: Mode | None = None  # shadow for this tenant alone (None: the policy's mode)
+    # calendar quotas of this tenant and everything under it are counted in this zone...
+    time_zone: str = "UTC"
+    # ...and its months start on this day (1-31; past a short month's end: that month's last day)
+    billing_anchor_day: int = 1
 
 
 @dataclass(frozen=True)
@@ -134,10 +213,33 @@ class JwtProvider:
 
 
 @dataclass(frozen=True)
+class TrustedHeaders:
+    """Identity asserted in request headers by an authenticator Envoy consults before the processor
+    (an HTTP ext_authz service the configuration generator renders). Envoy strips the client's own
+    copies of these headers before that service runs, so only the authenticator can set them."""
+
+    name: str  # names the principal: key id `hdr:<name>:<subject>`
+    authorizer: str  # "host:port" of the HTTP ext_authz service
+    tenant_header: str  # lowercase header names
+    project_header: str | None = None  # else default_project
+    default_project: str | None = None
+    team_header: str | None = None
+    subject_header: str | None = None  # the principal within the tenant (else the tenant itself)
+    # subject -> its own limits, as a key's
+    subjects: Mapping[str, Limits] = field(default_factory=dict)
+
+    @property
+    def headers(self) -> tuple[str, ...]:
+        return tuple(h for h in (self.tenant_header, self.project_header, self.team_header, self.subject_header)
+                     if h is not None)
+
+
+@dataclass(frozen=True)
 class Identity:
     """How callers other than API keys are identified (the policy's `identity` section)."""
 
     jwt: tuple[JwtProvider, ...] = ()
+    trusted_headers: TrustedHeaders | None = None
 
 
 @dataclass(frozen=True)
@@ -150,6 +252,36 @@ class Pool:
     # false: its servers do not report usage (no include_usage, no usage object): the processor
     # meters each response on the way (Envoy sends it the body) and counts the text
     reports_usage: bool = True
+    # the canonical models it serves (None: every model); a request goes to the first pool, in the
+    # policy's order, that serves its model and has headroom
+    models: frozenset[str] | None = None
+    # owner ("tenant" or "tenant/project") -> its share of the ceiling (tokens per minute, resolved)
+    shares: Mapping[str, Share] = field(default_factory=dict)
+
+    def serves(self, model: str) -> bool:
+        return self.models is None or model in self.models
+
+
+@dataclass(frozen=True)
+class Share:
+    """A tenant's (or project's) fair share of a pool's ceiling, in tokens per minute.
+
+    `guaranteed` is kept for it while it uses it: others may borrow it while it is idle, but once it
+    asks again, borrowers are refused first. `maximum` caps what it may take of the pool at all."""
+
+    guaranteed: int = 0
+    maximum: int | None = None  # None: up to the ceiling
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How requests are spread over the pools (the policy's `routing` section)."""
+
+    # a pool that spilled takes new traffic again only below (1 - hysteresis) x its ceiling
+    hysteresis: float = 0.1
+    # every pool for the model at its ceiling: wait up to this long for room before the 429
+    max_wait_ms: int = 0
+    show_pool: bool = True  # tell the client which pool served it (x-tokenmeter-pool)
 
 
 class OverCap(StrEnum):
@@ -186,6 +318,8 @@ class Policy:
     # client model name -> the canonical model it stands for (`aliases`): what the record, the
     # metric labels, a key's allow-list and the forwarded body use
     aliases: Mapping[str, str] = field(default_factory=dict)
+    # spill hysteresis, bounded wait, and whether clients see their pool (`routing`)
+    routing: Routing = field(default_factory=Routing)
     # every digest that names a key (its current one and those of its grace periods after a
     # rotation), derived from keys_by_sha256
     key_entries: Mapping[str, KeyEntry] = field(init=False, repr=False, compare=False)

@@ -113,7 +113,7 @@ def record_from_facts(f: apb.AdmissionFacts, decision: Decision) -> UsageRecord:
         alerts=tuple(f.alerts),
         degraded=f.degraded,
         api=API_LABELS.get(f.api),
-        decided_by=Limit(f.shadow_scope, None, f.shadow_action or None) if f.shadow_scope else None,
+        decided_by=Limit(f.shadow_scope, f.shadow_kind or None, f.shadow_action or None) if f.shadow_scope else None,
     )
 
 

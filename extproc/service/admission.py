@@ -2,30 +2,114 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
-from extproc.limiter.types import PoolCeiling, ScopeLimit
-from extproc.policy.model import Action, ApiKey, Limits, Mode, Policy
+from extproc.limiter.calendar import Calendar
+from extproc.limiter.types import PoolCeiling, Rule, ScopeLimit
+from extproc.policy.model import Action, ApiKey, LimitRule, Limits, Mode, Period, Policy
+
+
+class ScopePath:
+    """The scopes a caller's requests are charged to (tenant -> project -> team -> key) and their rules.
+
+    A rule narrowed to some models counts only requests for those: `for_model` gives the limiter's
+    scopes for one canonical model name, computed once per model.
+    """
+
+    __slots__ = ("_by_model", "actions", "levels", "mode")
+
+    def __init__(self, levels: tuple[tuple[str, tuple[LimitRule, ...], Calendars], ...], actions: dict[str, Action],
+                 mode: Mode) -> None:
+        self.levels = levels
+        self.actions = actions  # scope name -> the action of a rule that names none
+        self.mode = mode  # the key's tenant's mode, else the policy's: shadow never refuses
+        self._by_model: dict[str, tuple[tuple[ScopeLimit, ...], dict[str, tuple[LimitRule, ...]]]] = {}
+
+    def for_model(self, model: str) -> tuple[ScopeLimit, ...]:
+        return self._narrowed(model)[0]
+
+    def rule(self, model: str, scope: str, index: int | None) -> LimitRule | None:
+        """The policy rule behind a limiter decision's (scope, rule index) for requests of `model`."""
+        rules = self._narrowed(model)[1].get(scope)
+        if rules is None or index is None or not 0 <= index < len(rules):
+            return None
+        return rules[index]
+
+    def action(self, model: str, scope: str, index: int | None) -> Action:
+        rule = self.rule(model, scope, index)
+        return rule.action if rule is not None else self.actions.get(scope, Action.THROTTLE)
+
+    def strictest(
+        self, model: str, over: tuple[tuple[str, int, int], ...]
+    ) -> tuple[str, LimitRule | None, Action] | None:
+        """In shadow mode: of the rules over their limits (Decision.over), the one whose action is the
+        strictest (block, then throttle); None when each would only have alerted."""
+        best: tuple[str, LimitRule | None, Action] | None = None
+        for scope, index, _ in over:
+            rule = self.rule(model, scope, index)
+            action = rule.action if rule is not None else self.actions.get(scope, Action.THROTTLE)
+            if _STRICTNESS[action] > (_STRICTNESS[best[2]] if best is not None else 0):
+                best = (scope, rule, action)
+        return best
+
+    def _narrowed(self, model: str) -> tuple[tuple[ScopeLimit, ...], dict[str, tuple[LimitRule, ...]]]:
+        out = self._by_model.get(model)
+        if out is None:
+            enforce = self.mode is Mode.ENFORCE
+            scopes: list[ScopeLimit] = []
+            behind: dict[str, tuple[LimitRule, ...]] = {}
+            for name, rules, calendars in self.levels:
+                mine = tuple(r for r in rules if r.applies_to(model))
+                if mine:
+                    scopes.append(ScopeLimit(name, tuple(_rule(r, calendars) for r in mine), enforce))
+                    behind[name] = mine
+            if len(self._by_model) >= 1024:  # model names come from the policy; bounded anyway
+                self._by_model.clear()
+            out = self._by_model[model] = (tuple(scopes), behind)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
-class ScopePath:
-    scopes: tuple[ScopeLimit, ...]
-    actions: dict[str, Action]  # scope name -> the action when it is over its limit
-    mode: Mode = Mode.ENFORCE  # the key's tenant's mode, else the policy's: shadow never refuses
+class Calendars:
+    """The tenant's billing calendar: its time zone and the day its months start."""
+
+    time_zone: str = "UTC"
+    anchor_day: int = 1
+
+    def of(self, period: Period) -> Calendar:
+        anchor = self.anchor_day if period is Period.MONTH else 1
+        return Calendar(period.value, self.time_zone, anchor)
 
 
-def _scope(name: str, limits: Limits, mode: Mode) -> ScopeLimit:
-    enforce = mode is Mode.ENFORCE and limits.action is not Action.ALERT
-    return ScopeLimit(
-        scope=name,
-        tokens_per_minute=limits.tokens_per_minute,
-        requests_per_minute=limits.requests_per_minute,
-        requests_per_hour=limits.requests_per_hour,
-        quota_tokens=limits.quota_tokens,
-        quota_requests=limits.quota_requests,
-        quota_period=str(limits.quota_period),
-        enforce=enforce,
+def rule_kind(rule: LimitRule) -> str:
+    """The limiter's denied_kind for a violation of `rule` ("output_tokens", "quota_requests", ...)."""
+    if rule.period is not None:
+        return f"quota_{rule.measure.value}"
+    return rule.measure.value
+
+
+_STRICTNESS = {Action.ALERT: 0, Action.THROTTLE: 1, Action.BLOCK: 2}
+
+
+def model_group(models: frozenset[str]) -> str:
+    """A counter's model group: the model's name, or a short digest of several (stable across reloads)."""
+    names = sorted(models)
+    joined = "+".join(names)
+    if len(joined) <= 64:
+        return joined
+    return "g" + hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def _rule(rule: LimitRule, calendars: Calendars) -> Rule:
+    return Rule(
+        measure=rule.measure,
+        limit=rule.limit,
+        window_s=rule.window_s,
+        calendar=calendars.of(rule.period) if rule.period is not None else None,
+        enforce=rule.action is not Action.ALERT,
+        alert_at=rule.alert_at,
+        group=model_group(rule.models) if rule.models is not None else "",
     )
 
 
@@ -37,6 +121,7 @@ def scope_path(key: ApiKey, policy: Policy) -> ScopePath:
     levels: list[tuple[str, Limits]] = []
     tenant = policy.tenants[key.tenant]
     mode = tenant.mode or policy.mode  # a tenant can be in shadow mode alone
+    calendars = Calendars(tenant.time_zone, tenant.billing_anchor_day)
     levels.append((f"tenant:{tenant.name}", tenant.limits))
     project = tenant.projects[key.project]
     levels.append((f"project:{tenant.name}/{project.name}", project.limits))
@@ -44,13 +129,29 @@ def scope_path(key: ApiKey, policy: Policy) -> ScopePath:
         team = project.teams[key.team]
         levels.append((f"team:{tenant.name}/{project.name}/{team.name}", team.limits))
     levels.append((f"key:{key.key_id}", key.limits))
-    scopes = tuple(_scope(name, limits, mode) for name, limits in levels if not limits.empty)
     actions = {name: limits.action for name, limits in levels}
-    return ScopePath(scopes=scopes, actions=actions, mode=mode)
+    return ScopePath(tuple((name, limits.rules, calendars) for name, limits in levels if not limits.empty),
+                     actions, mode)
 
 
-def pool_ceilings(policy: Policy) -> tuple[PoolCeiling, ...]:
-    return tuple(PoolCeiling(p.name, p.tokens_per_minute) for p in policy.pools)
+def pool_ceilings(policy: Policy, model: str = "", tenant: str = "", project: str = "") -> tuple[PoolCeiling, ...]:
+    """The pools a request may go to, in preference order: those serving `model` ("": every pool), each
+    with the caller's fair share of it (its project's share, else its tenant's) and the others'."""
+    out: list[PoolCeiling] = []
+    for pool in policy.pools:
+        if model and not pool.serves(model):
+            continue
+        owner = f"{tenant}/{project}" if f"{tenant}/{project}" in pool.shares else tenant
+        share = pool.shares.get(owner)
+        if share is None:
+            owner = ""
+        others = tuple((name, s.guaranteed) for name, s in pool.shares.items() if name != owner and s.guaranteed)
+        out.append(PoolCeiling(
+            pool.name, pool.tokens_per_minute, hysteresis=policy.routing.hysteresis, owner=owner,
+            guaranteed=share.guaranteed if share is not None else 0,
+            maximum=share.maximum if share is not None else None, others=others,
+        ))
+    return tuple(out)
 
 
 def output_limit(max_output_tokens: int | None, policy: Policy) -> int:

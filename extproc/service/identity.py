@@ -10,6 +10,13 @@ to dynamic metadata (namespace JWT_NAMESPACE, under the provider's name) and for
 request. `identify_jwt` maps those claims onto the hierarchy: a principal shaped as an `ApiKey`
 (key id `jwt:<provider>:<sub>`), or a `ClaimRefusal` when the claims name no tenant/project of the
 policy. A bearer token shaped as a JWT is never looked up as an API key when the policy has issuers.
+
+Where the policy names trusted headers (`identity.trusted_headers`), an authenticator Envoy consults
+(ext_authz) may assert the caller in request headers. Envoy strips the client's own copies before
+that service runs, so a tenant header the processor sees was set by the authenticator:
+`identify_trusted` maps the headers onto the hierarchy (key id `hdr:<name>:<subject>`), refusing a
+tenant/project/team the policy does not know as a `ClaimRefusal`. Without the tenant header, the
+API key or JWT decides as before.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from enum import StrEnum
 from google.protobuf.struct_pb2 import Struct, Value
 
 from extproc.policy.keys import hash_key
-from extproc.policy.model import ApiKey, JwtProvider, KeyEntry, Limits, Policy
+from extproc.policy.model import ApiKey, JwtProvider, KeyEntry, Limits, Policy, TrustedHeaders
 
 # Where Envoy's jwt_authn filter writes the verified payloads (`payload_in_metadata`: the provider's name).
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
@@ -172,12 +179,85 @@ _NO_LIMITS = Limits()
 def jwt_key_id(provider: str, sub: str) -> str:
     """`jwt:<provider>:<sub>`, at most 128 printable characters: a longer or unprintable subject is
     shortened with a digest of it, so that two subjects never share an id."""
-    key_id = f"jwt:{provider}:{sub}"
+    return _principal_id(f"jwt:{provider}:", sub)
+
+
+def trusted_key_id(name: str, subject: str) -> str:
+    """`hdr:<name>:<subject>`, bounded and printable as `jwt_key_id`."""
+    return _principal_id(f"hdr:{name}:", subject)
+
+
+def _principal_id(prefix: str, sub: str) -> str:
+    key_id = prefix + sub
     if len(key_id) <= _KEY_ID_MAX and _PRINTABLE.fullmatch(sub):
         return key_id
     digest = hashlib.sha256(sub.encode("utf-8", "surrogatepass")).hexdigest()[:16]
     head = "".join(c if "!" <= c <= "~" else "?" for c in sub)
-    return f"jwt:{provider}:{head}"[: _KEY_ID_MAX - 17] + "~" + digest
+    return (prefix + head)[: _KEY_ID_MAX - 17] + "~" + digest
+
+
+# -- trusted headers -------------------------------------------------------------------------
+
+
+def asserted_by(headers: Mapping[str, str], policy: Policy) -> TrustedHeaders | None:
+    """The policy's trusted headers, when the request carries their tenant header: Envoy removed
+    any copy the client sent, so only the authenticator could have set it."""
+    trusted = policy.identity.trusted_headers
+    if trusted is None or headers.get(trusted.tenant_header) is None:
+        return None
+    return trusted
+
+
+def identify_trusted(headers: Mapping[str, str], trusted: TrustedHeaders, policy: Policy) -> ApiKey | ClaimRefusal:
+    """The principal the authenticator asserted: its tenant (and project, team) from the headers,
+    each checked against the policy; its subject (else the tenant) names it, and its limits are the
+    subject's in `trusted.subjects`."""
+    tenant_name = _header(headers, trusted.tenant_header)
+    subject = _header(headers, trusted.subject_header)
+    key_id = trusted_key_id(trusted.name, subject if subject is not None else tenant_name or "")
+    for name in trusted.headers:
+        if len(headers.get(name, "")) > _HEADER_MAX:
+            return ClaimRefusal(
+                f"The authenticator's '{name}' header is longer than {_HEADER_MAX} characters.", "invalid_header",
+                key_id)
+    if tenant_name is None:
+        return ClaimRefusal(
+            f"The authenticator's '{trusted.tenant_header}' header names no tenant.", "missing_header", key_id)
+    tenant = policy.tenants.get(tenant_name)
+    if tenant is None:
+        return ClaimRefusal(
+            f"The authenticator's '{trusted.tenant_header}' header names no tenant of this gateway: "
+            f"'{_shown(tenant_name)}'.", "unknown_tenant", key_id)
+    project_name = _header(headers, trusted.project_header)
+    what = f"authenticator's '{trusted.project_header}' header"
+    if project_name is None:
+        project_name, what = trusted.default_project, f"'{trusted.name}' default_project"
+    if project_name is None:
+        return ClaimRefusal(
+            f"The authenticator's '{trusted.project_header}' header names no project.", "missing_header", key_id)
+    project = tenant.projects.get(project_name)
+    if project is None:
+        return ClaimRefusal(
+            f"The {what} names no project of tenant '{tenant.name}': '{_shown(project_name)}'.",
+            "unknown_project", key_id)
+    team = _header(headers, trusted.team_header)
+    if team is not None and team not in project.teams:
+        return ClaimRefusal(
+            f"The authenticator's '{trusted.team_header}' header names no team of project "
+            f"'{tenant.name}.{project.name}': '{_shown(team)}'.", "unknown_team", key_id)
+    limits = trusted.subjects.get(subject, _NO_LIMITS) if subject is not None else _NO_LIMITS
+    return ApiKey(key_id=key_id, sha256="", tenant=tenant.name, project=project.name, team=team, limits=limits)
+
+
+_HEADER_MAX = 1024  # a longer asserted value is refused (no name of a policy comes close)
+
+
+def _header(headers: Mapping[str, str], name: str | None) -> str | None:
+    """A header's value, trimmed; None when absent or empty."""
+    value = headers.get(name) if name is not None else None
+    if value is None:
+        return None
+    return value.strip() or None
 
 
 def _claim(claims: Struct, name: str) -> str | None:
@@ -193,4 +273,6 @@ def _claim(claims: Struct, name: str) -> str | None:
 
 
 def _shown(text: str) -> str:
-    return text if len(text) <= 64 else text[:64] + "..."
+    """A value the caller is told about: at most 64 characters, unprintable ones as '?'."""
+    cut = text if len(text) <= 64 else text[:64] + "..."
+    return cut if cut.isprintable() else "".join(c if c.isprintable() else "?" for c in cut)

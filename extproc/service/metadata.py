@@ -1,5 +1,7 @@
 """Names this project owns on the wire: the dynamic-metadata namespace and the header space."""
 
+import re
+
 NAMESPACE = "tokenmeter"
 
 # Every header under this prefix is set by the processor only; client-sent ones are removed.
@@ -40,3 +42,27 @@ ATTRIBUTE_HEADERS = {
     "request.headers['content-type']": "content-type",
     "request.id": "x-request-id",
 }
+
+
+def header_attribute(header: str) -> str:
+    """The CEL attribute that brings request header `header` to the processor with the body: how
+    the configuration carries headers beyond ATTRIBUTE_HEADERS (the policy's trusted identity
+    headers, `identity.trusted_headers`)."""
+    quoted = header.replace("\\", "\\\\").replace("'", "\\'")  # a CEL string literal (' is a tchar)
+    return f"request.headers['{quoted}']"
+
+
+_HEADER_ATTRIBUTE = ("request.headers['", "']")
+
+
+def attribute_header(attribute: str) -> str | None:
+    """The header a request attribute stands for: one of ATTRIBUTE_HEADERS, or the header of any
+    `header_attribute` (Envoy sends only the attributes its configuration asks for)."""
+    known = ATTRIBUTE_HEADERS.get(attribute)
+    if known is not None:
+        return known
+    head, tail = _HEADER_ATTRIBUTE
+    if attribute.startswith(head) and attribute.endswith(tail) and len(attribute) > len(head) + len(tail):
+        inner = attribute[len(head):-len(tail)]
+        return inner if "\\" not in inner else re.sub(r"\\(.)", r"\1", inner)
+    return None

@@ -12,6 +12,7 @@ Each request is in one Phase. It ends, whatever the way, through Settlement.end.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -19,6 +20,7 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from enum import Enum, auto
 from typing import Protocol
 
@@ -26,20 +28,35 @@ import orjson
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.struct_pb2 import Struct
 
+from extproc.alerts import AlertEvent, AlertKind, AlertSink
 from extproc.apis import ApiSchema, BadRequest, api_for_path
 from extproc.apis._request import bound_output
 from extproc.audit import AuditLog, EnforcementKind, enforcement
+from extproc.limiter.types import KIND_POOL, Limiter, PoolCeiling, Reservation
 from extproc.limiter.types import Decision as LimiterDecision
-from extproc.limiter.types import Limiter, PoolCeiling, Reservation
 from extproc.metering.usage import Usage
-from extproc.policy.model import Action, ApiKey, JwtProvider, Mode, OverCap, Policy
+from extproc.policy.model import Action, ApiKey, JwtProvider, LimitRule, Mode, OverCap, Policy
 from extproc.records.record import API_LABELS, Limit, RecordSink, UsageRecord, bounded
 from extproc.service import responses as R
-from extproc.service.admission import ScopePath, output_limit, pool_ceilings, reservation_tokens, scope_path
+from extproc.service.admission import (
+    ScopePath,
+    output_limit,
+    pool_ceilings,
+    reservation_tokens,
+    rule_kind,
+    scope_path,
+)
 from extproc.service.errors import error_body
-from extproc.service.identity import ClaimRefusal, KeyRefusal, identify, identify_jwt, verified_claims
+from extproc.service.identity import (
+    ClaimRefusal,
+    KeyRefusal,
+    asserted_by,
+    identify,
+    identify_jwt,
+    identify_trusted,
+    verified_claims,
+)
 from extproc.service.inflight import Inflight
-from extproc.service.metadata import ATTRIBUTE_HEADERS as _ATTRIBUTE_HEADERS
 from extproc.service.metadata import (
     CREDENTIAL_HEADERS,
     H_KEY_ID,
@@ -50,6 +67,7 @@ from extproc.service.metadata import (
     H_TENANT,
     HEADER_PREFIX,
     OUTPUT_LIMIT_KEY,
+    attribute_header,
 )
 from extproc.service.meter_stream import MeterStream
 from extproc.service.ratelimit_headers import ratelimit_headers, ratelimit_metadata, retry_after
@@ -86,8 +104,10 @@ class Context:
         telemetry: Telemetry | None = None,
         seal: Seal | None = None,
         audit: AuditLog | None = None,
+        alerts: AlertSink | None = None,
     ) -> None:
         self.policies = policies
+        self.alerts = alerts  # alert events: emit() is O(1) and never raises (extproc.alerts)
         self.audit = audit  # enforcement events go to the audit trail (extproc.audit), off the request path
         self.seal = seal  # seals the admission facts that come back to be settled (extproc.service.seal)
         self.limiter = limiter
@@ -105,7 +125,7 @@ class Context:
         # derived from the live policy once per key, not per request (dropped when it reloads)
         self._derived_for: Policy | None = None
         self._scopes: dict[str, ScopePath] = {}
-        self._pools: tuple[PoolCeiling, ...] = ()
+        self._pools_by_model: dict[tuple[str, str, str], tuple[PoolCeiling, ...]] = {}
         self._counted: frozenset[str] = frozenset()
 
     @property
@@ -114,7 +134,8 @@ class Context:
 
     def _derived(self, policy: Policy) -> None:
         if policy is not self._derived_for:
-            self._derived_for, self._scopes, self._pools = policy, {}, pool_ceilings(policy)
+            self._derived_for, self._scopes = policy, {}
+            self._pools_by_model = {}
             self._counted = frozenset(p.name for p in policy.pools if not p.reports_usage)
             self.telemetry.models = policy.models
 
@@ -126,9 +147,17 @@ class Context:
             path = self._scopes[key.key_id] = scope_path(key, policy)
         return path
 
-    def pools(self, policy: Policy) -> tuple[PoolCeiling, ...]:
+    def pools(self, policy: Policy, model: str = "", key: ApiKey | None = None) -> tuple[PoolCeiling, ...]:
+        """The pools that serve `model` ("": every pool), in preference order, with the caller's share."""
         self._derived(policy)
-        return self._pools
+        tenant, project = (key.tenant, key.project) if key is not None else ("", "")
+        ck = (model, tenant, project)
+        found = self._pools_by_model.get(ck)
+        if found is None:
+            if len(self._pools_by_model) >= 65536:
+                self._pools_by_model.clear()
+            found = self._pools_by_model[ck] = pool_ceilings(policy, model, tenant, project)
+        return found
 
     def counted_pools(self, policy: Policy) -> frozenset[str]:
         """Pools whose servers report no usage: their responses are metered by the processor."""
@@ -149,7 +178,7 @@ def _attribute_headers(req: pb.ProcessingRequest) -> dict[str, str]:
     if attrs is None:
         return out
     for name, value in attrs.fields.items():
-        header = _ATTRIBUTE_HEADERS.get(name)
+        header = attribute_header(name)
         if header is not None and value.WhichOneof("kind") == "string_value":
             out[header] = value.string_value
     return out
@@ -188,6 +217,7 @@ class RequestState:
     key: ApiKey | None = None
     record: UsageRecord | None = None
     scopes: ScopePath | None = None
+    model: str = ""  # the canonical model asked for ("": none), which narrows the limits that apply
 
 
 class StreamProcessor:
@@ -252,8 +282,16 @@ class StreamProcessor:
         s = self.s
         s.path = headers.get(":path", "")
         now = time.time()
-        # A verified token identifies the caller (Envoy removed it from the request); else the API key.
-        found = identify(headers, s.policy, now) if verified is None else identify_jwt(*verified, s.policy)
+        # Headers the authenticator set (Envoy strips the client's copies) identify the caller; else a
+        # verified token (Envoy removed it from the request); else the API key.
+        asserted = asserted_by(headers, s.policy)
+        found: ApiKey | KeyRefusal | ClaimRefusal | None
+        if asserted is not None:
+            found = identify_trusted(headers, asserted, s.policy)
+        elif verified is not None:
+            found = identify_jwt(*verified, s.policy)
+        else:
+            found = identify(headers, s.policy, now)
         s.record = UsageRecord(
             request_id=s.request_id,
             time=now,
@@ -281,8 +319,9 @@ class StreamProcessor:
             return self._refuse(
                 403, found.message, type_="permission_error", code=found.code, decision=Decision.REFUSED)
         s.phase = Phase.IDENTIFIED
-        # a token's principal is not cached by key id: its tenant comes from each token's claims
-        s.scopes = self.ctx.scopes(key, s.policy) if verified is None else scope_path(key, s.policy)
+        # a token's or header's principal is not cached by key id: its tenant comes with each request
+        per_request = asserted is not None or verified is not None
+        s.scopes = scope_path(key, s.policy) if per_request else self.ctx.scopes(key, s.policy)
         api = s.api = api_for_path(s.path)
         if api is not None and not end_of_stream:
             if body is not None:
@@ -381,6 +420,10 @@ class StreamProcessor:
             return self._refuse(
                 403, f"The model '{bounded(info.model)}' is not allowed for key '{s.key.key_id}'.",
                 type_="invalid_request_error", code="model_not_allowed", decision=Decision.REFUSED, param="model")
+        if not self.ctx.pools(s.policy, model):
+            return self._refuse(
+                404, f"The model '{bounded(info.model)}' is not served by this gateway.",
+                type_="invalid_request_error", code="model_not_found", decision=Decision.REFUSED, param="model")
         rules = s.policy.request
         asked = info.max_output_tokens
         if asked is not None and asked > rules.max_tokens_cap and api.output_keys and rules.over_cap is OverCap.REFUSE:
@@ -390,7 +433,8 @@ class StreamProcessor:
         # What the forwarded request may generate: exactly what is reserved for it.
         limit = output_limit(asked, s.policy)
         tokens = reservation_tokens(info.prompt_tokens_estimate, asked, s.policy, info.n)
-        decision = await self._reserve(tokens)
+        s.model = model
+        decision = await self._reserve(tokens, output=tokens - info.prompt_tokens_estimate)
         refusal = self._refusal_for(decision)
         if refusal is not None:
             return refusal
@@ -417,19 +461,22 @@ class StreamProcessor:
         self.ctx.inflight.add(s.request_id, admitted)
         return R.request_body([], body=new_body, metadata=metadata, clear_route_cache=True)
 
-    async def _reserve(self, tokens: int) -> LimiterDecision:
+    async def _reserve(self, tokens: int, *, output: int = 0) -> LimiterDecision:
         s = self.s
         assert s.key is not None and s.record is not None and s.scopes is not None
         s.phase = Phase.RESERVING
-        decision = await self.ctx.limiter.reserve(
-            Reservation(
-                request_id=s.request_id,
-                tenant=s.key.tenant,
-                scopes=s.scopes.scopes,
-                tokens=tokens,
-                pools=self.ctx.pools(s.policy),
-            )
+        reservation = Reservation(
+            request_id=s.request_id,
+            tenant=s.key.tenant,
+            scopes=s.scopes.for_model(s.model),
+            tokens=tokens,
+            pools=self.ctx.pools(s.policy, s.model, s.key),
+            output_tokens=output,
         )
+        decision = await self.ctx.limiter.reserve(reservation)
+        wait_s = s.policy.routing.max_wait_ms / 1000
+        if wait_s > 0 and not decision.allowed and decision.denied_kind == KIND_POOL:
+            decision = await self._wait_for_pool(reservation, decision, time.monotonic() + wait_s)
         if decision.allowed:
             s.record.reserved_tokens = tokens
             s.record.pool = decision.pool
@@ -441,7 +488,39 @@ class StreamProcessor:
                 self._audit(EnforcementKind.ALERT, scope, None)
             if decision.degraded:
                 self._audit(EnforcementKind.DEGRADED_ADMISSION, None, None)
+        if self.ctx.alerts is not None and (decision.thresholds or decision.over):
+            self._raise_alerts(self.ctx.alerts, decision)
         return decision
+
+    async def _wait_for_pool(self, r: Reservation, decision: LimiterDecision, deadline: float) -> LimiterDecision:
+        """Every pool for the model is at its ceiling: ask again when room is due, while that is before
+        the policy's bounded wait ends (a denial writes nothing, so the same reservation is asked)."""
+        while not decision.allowed and decision.denied_kind == KIND_POOL:
+            due = decision.retry_after_seconds
+            if time.monotonic() + due > deadline:
+                break
+            await asyncio.sleep(max(0.005, due))
+            decision = await self.ctx.limiter.reserve(r)
+        return decision
+
+    def _raise_alerts(self, sink: AlertSink, decision: LimiterDecision) -> None:
+        """Thresholds the limiter saw crossed (once per period per scope, cluster-wide), and requests let
+        through over a limit whose action is `alert` (at most one event per scope and limit a minute)."""
+        s = self.s
+        assert s.key is not None and s.scopes is not None
+        tenant, rid, version = s.key.tenant, s.request_id, s.policy.version
+        for t in decision.thresholds:
+            rule = s.scopes.rule(s.model, t.scope, t.rule)
+            sink.emit(AlertEvent(kind=AlertKind.THRESHOLD, scope=t.scope, limit=rule.describe if rule else "quota",
+                                 limit_value=t.limit, used=t.used, percent=t.percent, period_end=t.period_end,
+                                 tenant=tenant, request_id=rid, policy_version=version))
+        for scope, index, used in decision.over:
+            rule = s.scopes.rule(s.model, scope, index)
+            if rule is None or rule.action is not Action.ALERT:
+                continue  # over in shadow mode: recorded (decided_by), not an alert of the policy
+            sink.emit(AlertEvent(kind=AlertKind.OVER_LIMIT, scope=scope, limit=rule.describe, limit_value=rule.limit,
+                                 used=used, tenant=tenant, request_id=rid, policy_version=version),
+                      dedupe_key=f"{s.key.tenant}|{scope}|{index}|{rule.limit}", dedupe_s=60.0)
 
     def _audit(self, kind: EnforcementKind, scope: str | None, limit_kind: str | None) -> None:
         audit, s = self.ctx.audit, self.s
@@ -457,7 +536,10 @@ class StreamProcessor:
         if mode is Mode.ENFORCE:
             return Decision.ALERT
         if self.s.record is not None and self.s.scopes is not None:  # what enforce mode would have done
-            self.s.record.decided_by = Limit.strictest(decision.alerts, self.s.scopes.actions)
+            worst = self.s.scopes.strictest(self.s.model, decision.over)
+            if worst is not None:
+                scope, rule, action = worst
+                self.s.record.decided_by = Limit(scope, rule_kind(rule) if rule is not None else None, str(action))
         return Decision.SHADOW
 
     def _admitted_metadata(self, decision: LimiterDecision) -> dict[str, R.MetadataValue]:
@@ -481,17 +563,19 @@ class StreamProcessor:
                 decision=Decision.REFUSED_BACKEND,
                 headers=[("retry-after", retry_after(decision))],
             )
-        actions = s.scopes.actions if s.scopes else {}
-        action = actions.get(decision.denied_scope or "", Action.THROTTLE)
-        what = _denial_text(decision)
+        scope = decision.denied_scope or ""
+        rule = s.scopes.rule(s.model, scope, decision.denied_rule) if s.scopes else None
+        action = s.scopes.action(s.model, scope, decision.denied_rule) if s.scopes else Action.THROTTLE
+        what = _denial_text(decision, rule)
         kind = EnforcementKind.BLOCK if action is Action.BLOCK else EnforcementKind.THROTTLE
         self._audit(kind, decision.denied_scope, decision.denied_kind)
         if s.record is not None:
             s.record.decided_by = Limit(decision.denied_scope or "", decision.denied_kind, str(action))
         if action is Action.BLOCK:
+            until = _until(decision, rule)
             return self._refuse(
                 403,
-                f"Quota exhausted for {decision.denied_scope}: {what}. Requests are blocked.",
+                f"Quota exhausted for {decision.denied_scope}: {what}. Requests are blocked {until}.",
                 type_="insufficient_quota",
                 code="quota_exhausted",
                 decision=Decision.BLOCKED,
@@ -577,13 +661,20 @@ def _with_model(body: bytes, model: str) -> bytes:
     return orjson.dumps(obj)
 
 
-def _denial_text(decision: LimiterDecision) -> str:
+def _denial_text(decision: LimiterDecision, rule: LimitRule | None) -> str:
     kind = decision.denied_kind or "limit"
-    return {
-        "tokens": "tokens per minute",
-        "requests": "requests per window",
-        "quota_tokens": "token quota for the billing period",
-        "quota_requests": "request quota for the billing period",
-        "too_large": "this single request needs more tokens than the whole limit",
-        "pool": "no model pool has capacity",
-    }.get(kind, kind)
+    if kind == "pool":
+        return "no model pool has capacity"
+    limit = f"{rule.describe} (limit {rule.limit})" if rule is not None else kind.replace("_", " ")
+    if kind == "too_large":
+        return f"this single request needs more than the whole limit: {limit}"
+    return limit
+
+
+def _until(decision: LimiterDecision, rule: LimitRule | None) -> str:
+    """When a blocked caller may come back: the end of the billing period, or of the window."""
+    if rule is not None and rule.period is not None:
+        ends = datetime.fromtimestamp(time.time() + decision.retry_after_seconds, UTC).replace(microsecond=0)
+        stamp = ends.isoformat().replace("+00:00", "Z")
+        return f"until the billing period ends at {stamp}, or an operator lifts the block"
+    return f"for {retry_after(decision)}s, or until an operator lifts the block"

@@ -1,10 +1,24 @@
-"""OpenAI-style x-ratelimit-* response headers and Retry-After."""
+"""OpenAI-style x-ratelimit-* response headers, the billing-period quota headers, and Retry-After."""
 
 from __future__ import annotations
 
 import math
+import time
+from datetime import UTC, datetime
 
 from extproc.limiter.types import Decision, WindowStatus
+
+# The period quota with the least room: its limit, what remains after this request's reservation,
+# and when the period ends (RFC 3339, UTC): a month is not a duration a client should count down.
+QUOTA_HEADERS = ("x-tokenmeter-quota-limit", "x-tokenmeter-quota-remaining", "x-tokenmeter-quota-reset")
+RATELIMIT_HEADERS = tuple(
+    f"x-ratelimit-{what}-{kind}" for kind in ("requests", "tokens") for what in ("limit", "remaining", "reset")
+)
+
+
+def metadata_key(header: str) -> str:
+    """The dynamic metadata key from which Envoy's route adds `header` to the response."""
+    return "rl_" + header.removeprefix("x-ratelimit-").removeprefix("x-tokenmeter-").replace("-", "_")
 
 
 def go_duration(seconds: float) -> str:
@@ -28,8 +42,17 @@ def _trio(kind: str, status: WindowStatus | None) -> list[tuple[str, str]]:
     ]
 
 
-def ratelimit_headers(decision: Decision) -> list[tuple[str, str]]:
-    return _trio("requests", decision.requests) + _trio("tokens", decision.tokens)
+def _quota(status: WindowStatus | None, now: float) -> list[tuple[str, str]]:
+    if status is None:
+        return []
+    ends = datetime.fromtimestamp(now + status.reset_seconds, UTC).replace(microsecond=0)
+    return list(zip(QUOTA_HEADERS, (str(status.limit), str(max(0, status.remaining)),
+                                    ends.isoformat().replace("+00:00", "Z")), strict=True))
+
+
+def ratelimit_headers(decision: Decision, now: float | None = None) -> list[tuple[str, str]]:
+    return (_trio("requests", decision.requests) + _trio("tokens", decision.tokens)
+            + _quota(decision.quota, time.time() if now is None else now))
 
 
 def retry_after(decision: Decision) -> str:
@@ -38,6 +61,5 @@ def retry_after(decision: Decision) -> str:
 
 
 def ratelimit_metadata(decision: Decision) -> dict[str, str]:
-    """The same headers as dynamic metadata (`rl_<header>`), for Envoy's route to add to the response."""
-    return {f"rl_{name.removeprefix('x-ratelimit-').replace('-', '_')}": value
-            for name, value in ratelimit_headers(decision)}
+    """The same headers as dynamic metadata (`metadata_key`), for Envoy's route to add to the response."""
+    return {metadata_key(name): value for name, value in ratelimit_headers(decision)}

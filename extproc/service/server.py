@@ -19,6 +19,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from extproc.alerts.config import alert_sink
 from extproc.audit import AuditLog, BreakerState
 from extproc.audit import breaker as audit_breaker
 from extproc.limiter import limiter_from_url
@@ -167,7 +168,10 @@ async def serve(opts: ServeOptions) -> None:
     sink = JsonlSink(opts.usage_log)
     sink.start()
     seal = Seal.from_file(opts.settle_secret_file) if opts.settle_secret_file else None
-    ctx = Context(store, limiter, sink, _telemetry(opts.metrics_port), seal=seal, audit=audit)
+    telemetry = _telemetry(opts.metrics_port)
+    alerts = alert_sink(opts, telemetry)  # log line and metric; the webhook's task when configured
+    await alerts.start()
+    ctx = Context(store, limiter, sink, telemetry, seal=seal, audit=audit, alerts=alerts)
 
     server = grpc.aio.server(
         options=[
@@ -216,6 +220,7 @@ async def serve(opts: ServeOptions) -> None:
     await limiter.flush()
     await limiter.aclose()
     await sink.aclose()
+    await alerts.aclose()  # the webhook gets a bounded time for what is queued
     if audit is not None:
         await audit.aclose()
     log.info("stopped")

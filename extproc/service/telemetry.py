@@ -38,6 +38,8 @@ _DECISION = ("tenant", "project", "key_id", "allowed", "degraded", "pool")
 _ALERT = ("tenant", "scope")
 _REFUSAL = ("tenant", "reason")
 _TOKENS = ("tenant", "project", "key_id", "gen_ai.request.model", "pool", "estimated", "gen_ai.token.type")
+_ALERT_EVENT = ("kind", "tenant")
+_REASON = ("reason",)
 
 
 def _reporter(tally: Tally, names: tuple[str, ...]) -> Callable[[CallbackOptions], Iterable[Observation]]:
@@ -55,11 +57,24 @@ class Telemetry:
         self.alerts: Tally = Counter()
         self.refusals: Tally = Counter()
         self.tokens: Tally = Counter()
+        # alert events (extproc.alerts), and their webhook deliveries
+        self.alert_events: Tally = Counter()
+        self.webhook_delivered: Tally = Counter()
+        self.webhook_failed_attempts: Tally = Counter()
+        self.webhook_dropped: Tally = Counter()
         for name, tally, attributes, unit, description in (
             ("tokenmeter.decisions", self.decisions, _DECISION, "{request}", "Admission decisions by outcome"),
             ("tokenmeter.refusals", self.refusals, _REFUSAL, "{request}", "Requests refused by the processor"),
             ("tokenmeter.alerts", self.alerts, _ALERT, "{request}", "Requests over an alert-only limit"),
             ("gen_ai.client.token.usage", self.tokens, _TOKENS, "{token}", "Tokens metered per request"),
+            ("tokenmeter.alerts.events", self.alert_events, _ALERT_EVENT, "{event}",
+             "Alert events emitted (log line, and webhook when configured)"),
+            ("tokenmeter.alerts.webhook.delivered", self.webhook_delivered, (), "{event}",
+             "Alert events the webhook accepted (2xx)"),
+            ("tokenmeter.alerts.webhook.failed_attempts", self.webhook_failed_attempts, _REASON, "{attempt}",
+             "Webhook attempts that failed (status, timeout, connection, tls, protocol)"),
+            ("tokenmeter.alerts.webhook.dropped", self.webhook_dropped, _REASON, "{event}",
+             "Alert events the webhook never got (queue_full, attempts_exhausted, shutdown)"),
         ):
             m.create_observable_counter(name, [_reporter(tally, attributes)], unit=unit, description=description)
 
@@ -68,6 +83,18 @@ class Telemetry:
                         decision.pool or "")] += 1
         for scope in decision.alerts:
             self.alerts[(key.tenant, scope)] += 1
+
+    def alert_event(self, kind: str, tenant: str) -> None:
+        self.alert_events[(kind, tenant)] += 1
+
+    def alert_delivered(self) -> None:
+        self.webhook_delivered[()] += 1
+
+    def alert_attempt_failed(self, reason: str) -> None:
+        self.webhook_failed_attempts[(reason,)] += 1
+
+    def alert_dropped(self, reason: str, count: int = 1) -> None:
+        self.webhook_dropped[(reason,)] += count
 
     def refusal(self, key: ApiKey | None, reason: str) -> None:
         self.refusals[(key.tenant if key else "", reason)] += 1

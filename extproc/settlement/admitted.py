@@ -45,6 +45,7 @@ class Admitted:
         )
         if r.decided_by is not None:  # shadow: what enforce mode would have done
             facts.shadow_scope, facts.shadow_action = r.decided_by.scope, r.decided_by.action or ""
+            facts.shadow_kind = r.decided_by.kind or ""
         facts.admitted_at.FromNanoseconds(int(r.time * 1e9))
         return facts
 

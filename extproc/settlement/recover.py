@@ -59,7 +59,7 @@ class _NoLimiter:
     async def reserve(self, r: Any) -> Any:  # pragma: no cover - never called here
         raise NotImplementedError
 
-    def settle(self, tenant: str, request_id: str, actual_tokens: int) -> None:
+    def settle(self, tenant: str, request_id: str, actual_tokens: int, output_tokens: int | None = None) -> None:
         pass
 
     async def flush(self) -> None:

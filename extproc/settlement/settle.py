@@ -105,7 +105,9 @@ class Settlement:
         if len(self._ended) > self._remember:
             self._ended.popitem(last=False)
         if charge is not None and rec.tenant:
-            self.limiter.settle(rec.tenant, rid, charge)
+            # the output part is known when what is charged is what the usage counts
+            output = usage.completion_tokens if usage is not None and usage.total_tokens == charge else None
+            self.limiter.settle(rec.tenant, rid, charge, output)
         rec.ending = ending
         if status is not None:
             rec.status = status

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,3 +111,109 @@ def wait_record(path: Path, request_id: str, timeout: float = 5.0) -> dict[str, 
     if rec is None:
         raise AssertionError(f"no usage record for {request_id} in {path}")
     return rec
+
+
+class OpenStream:
+    """A streaming request whose response has begun (status and headers read) and is still open:
+    the test decides how it ends (`finish`: read it to its end; `abort`: the client goes away)."""
+
+    def __init__(self, sock: socket.socket, status: int, headers: dict[str, str], rest: bytes) -> None:
+        self.sock = sock
+        self.status = status
+        self.headers = headers
+        self._raw = rest  # body bytes read so far (still chunk-encoded)
+
+    def finish(self) -> Reply:
+        """Read until the server closes the connection (the request asks for `Connection: close`)."""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                self._raw += data
+        except (ConnectionError, TimeoutError):
+            reset = True  # what came is what there is
+        else:
+            reset = False
+        finally:
+            self.sock.close()
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            body, complete = _dechunk(self._raw)
+        else:
+            body = self._raw
+            length = self.headers.get("content-length")
+            complete = not reset and (length is None or len(body) == int(length))
+        return Reply(self.status, self.headers, body, complete=complete)
+
+    def abort(self) -> None:
+        """Close the connection at once with a reset, mid-response (a client that went away)."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        finally:
+            self.sock.close()
+
+
+def open_stream(
+    base: str,
+    key: str,
+    *,
+    model: str = "llama-test",
+    max_tokens: int = 16,
+    text: str = "hello there",
+    extra_headers: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> OpenStream:
+    """POST a streaming chat completion over a raw socket and return once the response's status and
+    headers have come (for an admitted request: after admission, while the stream goes on)."""
+    parts = urlsplit(base)
+    payload = {"model": model, "max_tokens": max_tokens, "stream": True,
+               "messages": [{"role": "user", "content": text}]}
+    body = json.dumps(payload).encode()
+    headers = {
+        "host": f"{parts.hostname}:{parts.port}",
+        "content-type": "application/json",
+        "content-length": str(len(body)),
+        "authorization": f"Bearer {key}",
+        "connection": "close",
+        **(extra_headers or {}),
+    }
+    head = "POST /v1/chat/completions HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 80), timeout=timeout)
+    try:
+        sock.sendall(head.encode() + body)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            data = sock.recv(65536)
+            if not data:
+                raise ConnectionError(f"connection closed before the response head: {raw!r}")
+            raw += data
+    except BaseException:
+        sock.close()
+        raise
+    head_bytes, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head_bytes.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    response_headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        response_headers[name.strip().lower()] = value.strip()
+    return OpenStream(sock, status, response_headers, rest)
+
+
+def _dechunk(raw: bytes) -> tuple[bytes, bool]:
+    """The body of a chunked transfer, and whether its terminating zero-length chunk came."""
+    out = b""
+    while True:
+        size_line, sep, rest = raw.partition(b"\r\n")
+        if not sep:
+            return out + raw, False
+        try:
+            size = int(size_line.split(b";")[0], 16)
+        except ValueError:
+            return out + raw, False
+        if size == 0:
+            return out, True
+        out += rest[:size]
+        if len(rest) < size + 2:
+            return out, False
+        raw = rest[size + 2:]

@@ -3,6 +3,7 @@ current, and valid to Envoy (`envoy --mode validate`) standalone, on loopback an
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,9 @@ import yaml
 
 from extproc.devstack.binaries import find_envoy
 from extproc.devstack.envoy_config import ISTIO_CONFIG, REPO_ROOT, SHIPPED_CONFIG, SHIPPED_POLICY, render_local
-from extproc.envoy.config import Endpoint, pool_cluster, write
+from extproc.envoy.config import AUTHORIZER_CLUSTER, Endpoint, pool_cluster, write
 from extproc.service.metadata import ATTRIBUTE_HEADERS
+from tests.e2e.test_jwt_identity import JWKS
 
 THREE_POOLS = """\
 version: "three"
@@ -158,3 +160,91 @@ def test_the_response_meter_is_rendered_only_for_a_pool_that_reports_no_usage(tm
     out = tmp_path / "envoy.yaml"
     assert _cli("--policy", str(policy), "-o", str(out)).returncode == 0
     assert "tokenmeter.meter" in [f["name"] for f in _hcm(yaml.safe_load(out.read_text()))["http_filters"]]
+
+
+# -- identity: trusted headers (ext_authz), alone and with JWT issuers ------------------------
+
+_IDENTITY = """
+identity:
+  trusted_headers:
+    name: corp-sso
+    authorizer: "{authorizer}"
+    tenant_header: x-auth-tenant
+    project_header: x-auth-project
+    default_project: chat
+    team_header: x-auth-team
+    subject_header: x-auth-user
+    subjects:
+      - {{sub: alice, limits: {{tokens_per_minute: 1000}}}}
+"""
+_JWT = """
+  jwt:
+    - name: corp
+      issuer: "https://idp.example"
+      jwks: '{jwks}'
+      tenant_claim: org
+      default_project: chat
+"""
+
+
+def _identity_policy(tmp_path: Path, *, jwt: bool, authorizer: str) -> Path:
+    """The example policy (acme/chat and its pools) with `identity.trusted_headers` (and a JWT issuer)."""
+    text = THREE_POOLS + _IDENTITY.format(authorizer=authorizer) + (_JWT.format(jwks=json.dumps(JWKS)) if jwt else "")
+    path = tmp_path / "identity.yaml"
+    path.write_text(text)
+    return path
+
+
+def _clusters_renamed(standalone: Any, istio: Any, out: dict[str, str]) -> dict[str, str]:
+    """Standalone cluster name -> Istio's, read off the same filters and routes rendered both ways."""
+    if isinstance(standalone, dict) and isinstance(istio, dict):
+        for key, value in standalone.items():
+            if key in ("cluster", "cluster_name") and isinstance(value, str) and isinstance(istio.get(key), str):
+                out[value] = istio[key]
+            elif key in istio:
+                _clusters_renamed(value, istio[key], out)
+    elif isinstance(standalone, list) and isinstance(istio, list):
+        for a, b in zip(standalone, istio, strict=False):
+            _clusters_renamed(a, b, out)
+    return out
+
+
+@pytest.mark.parametrize("jwt", [False, True], ids=["trusted-headers", "jwt-and-trusted-headers"])
+def test_a_config_with_trusted_headers_is_valid(tmp_path: Path, jwt: bool) -> None:
+    policy = _identity_policy(tmp_path, jwt=jwt, authorizer="authz.internal:9000")
+    out = tmp_path / "envoy.yaml"
+    result = _cli("--policy", str(policy), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    names = [f["name"] for f in _hcm(yaml.safe_load(out.read_text()))["http_filters"]]
+    assert "envoy.filters.http.ext_authz" in names and ("envoy.filters.http.jwt_authn" in names) == jwt
+    result = _validate(out)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("jwt", [False, True], ids=["trusted-headers", "jwt-and-trusted-headers"])
+def test_the_istio_filters_with_trusted_headers_validate(tmp_path: Path, jwt: bool) -> None:
+    """As the shipped Istio filters: put back into a bootstrap with Istio's cluster names (the
+    authenticator's too), Envoy accepts them."""
+    policy = _identity_policy(tmp_path, jwt=jwt, authorizer="sso.auth.svc.cluster.local:8080")
+    standalone, istio = _cli("--policy", str(policy)), _cli("--policy", str(policy), "--istio")
+    assert standalone.returncode == istio.returncode == 0, standalone.stderr + istio.stderr
+    config = yaml.safe_load(standalone.stdout)
+    (envoy_filter,) = yaml.safe_load_all(istio.stdout)
+    patches = envoy_filter["spec"]["configPatches"]
+    hcm = _hcm(config)
+    inserted = [p["patch"]["value"] for p in patches if p["applyTo"] == "HTTP_FILTER"]
+    assert [f["name"] for f in inserted] == [f["name"] for f in hcm["http_filters"][:-1]]
+    (vhost,) = [p["patch"]["value"] for p in patches if p["applyTo"] == "VIRTUAL_HOST"]
+    renamed = _clusters_renamed([hcm["http_filters"][:-1], hcm["route_config"]["virtual_hosts"][0]["routes"]],
+                                [inserted, vhost["routes"]], {})
+    assert renamed[AUTHORIZER_CLUSTER] == "outbound|8080||sso.auth.svc.cluster.local"
+    hcm["http_filters"][:-1] = inserted
+    (merge,) = [p["patch"]["value"] for p in patches if p["applyTo"] == "NETWORK_FILTER"]
+    hcm["access_log"][1:] = merge["typed_config"]["access_log"]
+    hcm["route_config"]["virtual_hosts"][0].update(vhost)
+    for cluster in config["static_resources"]["clusters"]:
+        cluster["name"] = cluster["load_assignment"]["cluster_name"] = renamed[cluster["name"]]
+    path = tmp_path / "istio-equivalent.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = _validate(path)
+    assert result.returncode == 0, result.stdout + result.stderr

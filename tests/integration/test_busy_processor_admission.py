@@ -25,12 +25,12 @@ import uvloop
 
 from extproc.devstack.redis_proc import RedisProcess
 from extproc.limiter import RedisLimiter, Reservation, ScopeLimit
-from extproc.limiter.redis_backend import redis_client, scope_keys
+from extproc.limiter.redis_backend import counter_key, redis_client
 from extproc.limiter.resp import pack
 
 TENANT = "acme"
 LIMIT = 600  # tokens per minute on the one key everybody hammers
-SCOPE = ScopeLimit("key:tight", tokens_per_minute=LIMIT)
+SCOPE = ScopeLimit.of("key:tight", tokens_per_minute=LIMIT)
 REPLICAS = 4
 CLIENTS = 32
 DEADLINE_MS = 50
@@ -91,8 +91,9 @@ async def hammer(replicas: list[RedisLimiter], tally: Tally, stop: asyncio.Event
 async def redis_window(url: str) -> int:
     client = redis_client(url, timeout_s=5.0)
     try:
-        members = cast(list[bytes], await client.zrange(scope_keys(TENANT, SCOPE.scope)[0], 0, -1))
-        return sum(int(m.split(b"|", 1)[0]) for m in members if m != b"#")
+        key = counter_key(TENANT, SCOPE.scope, SCOPE.rules[0].counter)
+        members = cast(list[bytes], await client.zrange(key, 0, -1))
+        return sum(int(m.split(b"|")[0]) + int(m.split(b"|")[1]) for m in members if not m.startswith(b"#"))
     finally:
         await client.aclose()
 

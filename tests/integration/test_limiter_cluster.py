@@ -15,14 +15,19 @@ from redis.asyncio import Redis, RedisCluster
 
 from extproc.devstack.redis_cluster import RedisClusterProcess, start_redis_cluster
 from extproc.limiter import PoolCeiling, RedisLimiter, Reservation, ScopeLimit
-from extproc.limiter.redis_backend import pool_key, reservation_key, scope_keys
+from extproc.limiter.redis_backend import counter_key, pool_key, reservation_key
 
 TENANT = "acme"
 SCOPES = (
-    ScopeLimit("tenant:acme", tokens_per_minute=100_000, requests_per_minute=1000, quota_tokens=10**9),
-    ScopeLimit("project:acme/chatbot", tokens_per_minute=50_000),
-    ScopeLimit("key:acme-web", tokens_per_minute=20_000, requests_per_hour=1000),
+    ScopeLimit.of("tenant:acme", tokens_per_minute=100_000, requests_per_minute=1000, quota_tokens=10**9),
+    ScopeLimit.of("project:acme/chatbot", tokens_per_minute=50_000),
+    ScopeLimit.of("key:acme-web", tokens_per_minute=20_000, requests_per_hour=1000),
 )
+MINUTE, HOUR, MONTH = "w60000", "w3600000", "qmonth"  # the counters of those rules
+
+
+def keys_of(scope: ScopeLimit) -> list[str]:
+    return sorted({counter_key(TENANT, scope.scope, rule.counter) for rule in scope.rules})
 
 
 def owner_port(client: RedisCluster, key: str) -> int:
@@ -51,9 +56,9 @@ async def remote_pool(client: RedisCluster) -> str:
 
 
 async def window(client: RedisCluster | Redis, key: str) -> tuple[int, int]:
-    """(sum of the entry costs, entries) of a minute window."""
-    members = [m for m in cast(list[bytes], await client.zrange(key, 0, -1)) if m != b"#"]
-    return sum(int(m.split(b"|", 1)[0]) for m in members), len(members)
+    """(sum of the entry costs (input + output), entries) of a minute window."""
+    members = [m for m in cast(list[bytes], await client.zrange(key, 0, -1)) if not m.startswith(b"#")]
+    return sum(int(m.split(b"|")[0]) + int(m.split(b"|")[1]) for m in members), len(members)
 
 
 async def test_the_tenant_is_one_call_on_its_shard_and_the_pool_one_more_on_its_own(
@@ -70,11 +75,12 @@ async def test_the_tenant_is_one_call_on_its_shard_and_the_pool_one_more_on_its_
         assert d.allowed and d.pool == "overflow" and lim.round_trips == 3  # no ceiling: no pool call
         tenant_port = owner_port(cluster_client, reservation_key(TENANT, "r1"))
         for s in SCOPES:
-            for key in scope_keys(TENANT, s.scope):
+            for key in keys_of(s):
                 assert owner_port(cluster_client, key) == tenant_port
+                assert await cluster_client.exists(key) == 1
         assert owner_port(cluster_client, pool_key(pool)) != tenant_port
         assert await window(cluster_client, pool_key(pool)) == (1000, 1)
-        assert await window(cluster_client, scope_keys(TENANT, "key:acme-web")[0]) == (2000, 2)
+        assert await window(cluster_client, counter_key(TENANT, "key:acme-web", MINUTE)) == (2000, 2)
     finally:
         await lim.aclose()
 
@@ -95,10 +101,11 @@ async def test_when_no_pool_has_room_the_tenants_reservation_is_given_back(
         assert d.tokens is not None and d.tokens.remaining == 20_000 - 800  # as if r2 never happened
         assert lim.round_trips - trips == 3  # tenant, pool (full), cancel on the tenant's shard
         for s in SCOPES:
-            assert await window(cluster_client, scope_keys(TENANT, s.scope)[0]) in ((800, 1), (0, 0))
-        assert await window(cluster_client, scope_keys(TENANT, "tenant:acme")[0]) == (800, 1)
-        assert await cluster_client.zcard(scope_keys(TENANT, "key:acme-web")[1]) == 1
-        assert await cluster_client.hget(scope_keys(TENANT, "tenant:acme")[2], "t") == b"800"
+            assert await window(cluster_client, counter_key(TENANT, s.scope, MINUTE)) in ((800, 1), (0, 0))
+        assert await window(cluster_client, counter_key(TENANT, "tenant:acme", MINUTE)) == (800, 1)
+        assert await cluster_client.zcount(counter_key(TENANT, "key:acme-web", HOUR), 0, "+inf") == 1  # one entry
+        assert await cluster_client.hmget(counter_key(TENANT, "tenant:acme", MONTH), ["i", "o", "r"]) == [
+            b"800", b"0", b"1"]
         assert await cluster_client.exists(reservation_key(TENANT, "r2")) == 0
     finally:
         await lim.aclose()
@@ -118,7 +125,7 @@ async def test_settlement_reaches_the_tenants_and_the_pools_shards_once(
         await lim.flush()
         assert lim.settled == 10 and lim.settle_queue_depth == 0
         expected = (sum(100 + i for i in range(10)), 10)
-        assert await window(cluster_client, scope_keys(TENANT, "key:acme-web")[0]) == expected
+        assert await window(cluster_client, counter_key(TENANT, "key:acme-web", MINUTE)) == expected
         assert await window(cluster_client, pool_key(pool)) == expected
         assert await lim.settle_now(TENANT, "r0", 5000) is False
         assert await window(cluster_client, pool_key(pool)) == expected
@@ -157,7 +164,7 @@ async def test_a_hung_pool_shard_fails_open_and_what_was_reserved_is_undone(
         await lim.flush()
         assert lim.settle_queue_depth == 0
         # the tenant's shard reserved r1 and the pool's shard ran it late: both were cancelled
-        assert await window(admin, scope_keys(TENANT, "key:acme-web")[0]) == (100, 1)
+        assert await window(admin, counter_key(TENANT, "key:acme-web", MINUTE)) == (100, 1)
         assert await window(admin, pool_key(pool)) == (100, 1)
     finally:
         pool_node.resume()

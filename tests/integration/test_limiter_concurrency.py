@@ -10,7 +10,7 @@ from typing import cast
 import pytest
 
 from extproc.limiter import Decision, PoolCeiling, RedisLimiter, Reservation, ScopeLimit
-from extproc.limiter.redis_backend import Client, pool_key, redis_client, scope_keys
+from extproc.limiter.redis_backend import Client, counter_key, pool_key, redis_client
 
 REPLICAS = 4
 N = 200
@@ -21,11 +21,21 @@ TENANT_RPM = 150
 POOL_TPM = 12_000
 
 
+MINUTE = "w60000"  # the counter of tokens/min and requests/min
+
+
 async def window_cost(client: Client, key: str) -> tuple[int, int]:
-    """(sum of the costs of the entries in a token window, the running total kept beside it)."""
+    """(sum of the costs (input + output) of the entries in a token window, the running total kept beside
+    it: the members "#i" and "#o", stored as -1 - total)."""
     entries = cast(list[tuple[bytes, float]], await client.zrange(key, 0, -1, withscores=True))
-    running = next((-1 - int(score) for m, score in entries if m == b"#"), 0)  # stored as -1 - total
-    return sum(int(m.split(b"|", 1)[0]) for m, _ in entries if m != b"#"), running
+    totals = {m: -1 - int(score) for m, score in entries if m.startswith(b"#")}
+    running = totals.get(b"#i", 0) + totals.get(b"#o", 0)
+    cost = 0
+    for m, _ in entries:
+        if not m.startswith(b"#"):
+            inp, out, _rid = m.split(b"|", 2)
+            cost += int(inp) + int(out)
+    return cost, running
 
 
 @pytest.fixture(params=["redis", "cluster"])
@@ -41,12 +51,12 @@ def plan(seed: int) -> list[tuple[str, str, int]]:
 async def test_concurrent_replicas_never_admit_more_than_the_limit_and_settle_exactly(url: str) -> None:
     replicas = [RedisLimiter.from_url(url, deadline_ms=5000) for _ in range(REPLICAS)]
     client = redis_client(url, timeout_s=5.0)
-    tenant = ScopeLimit("tenant:acme", tokens_per_minute=TENANT_TPM, requests_per_minute=TENANT_RPM)
+    tenant = ScopeLimit.of("tenant:acme", tokens_per_minute=TENANT_TPM, requests_per_minute=TENANT_RPM)
     pools = (PoolCeiling("h100", POOL_TPM), PoolCeiling("a10", None))
     requests = plan(seed=7)
     try:
         async def one(i: int, rid: str, key: str, tokens: int) -> Decision:
-            scopes = (tenant, ScopeLimit(key, tokens_per_minute=KEY_TPM))
+            scopes = (tenant, ScopeLimit.of(key, tokens_per_minute=KEY_TPM))
             return await replicas[i % REPLICAS].reserve(Reservation(rid, TENANT, scopes, tokens, pools))
 
         decisions = await asyncio.gather(*(one(i, *req) for i, req in enumerate(requests)))
@@ -57,10 +67,10 @@ async def test_concurrent_replicas_never_admit_more_than_the_limit_and_settle_ex
         assert sum(d.allowed for d in decisions) <= TENANT_RPM
 
         # every window holds exactly what was admitted into it, never more than its limit
-        tenant_cost, tenant_running = await window_cost(client, scope_keys(TENANT, "tenant:acme")[0])
+        tenant_cost, tenant_running = await window_cost(client, counter_key(TENANT, "tenant:acme", MINUTE))
         assert tenant_cost == tenant_running == sum(t for (_, _, t), _ in admitted) <= TENANT_TPM
         for k in {key for _, key, _ in requests}:
-            cost, running = await window_cost(client, scope_keys(TENANT, k)[0])
+            cost, running = await window_cost(client, counter_key(TENANT, k, MINUTE))
             assert cost == running == sum(t for (_, key, t), _ in admitted if key == k) <= KEY_TPM
         h100_cost, h100_running = await window_cost(client, pool_key("h100"))
         assert h100_cost == h100_running == sum(t for (_, _, t), d in admitted if d.pool == "h100")
@@ -78,10 +88,10 @@ async def test_concurrent_replicas_never_admit_more_than_the_limit_and_settle_ex
         assert all(r.settle_queue_depth == 0 for r in replicas)
         assert sum(r.settled for r in replicas) == len(admitted)
 
-        tenant_cost, tenant_running = await window_cost(client, scope_keys(TENANT, "tenant:acme")[0])
+        tenant_cost, tenant_running = await window_cost(client, counter_key(TENANT, "tenant:acme", MINUTE))
         assert tenant_cost == tenant_running == sum(actual.values())
         for k in {key for _, key, _ in requests}:
-            cost, running = await window_cost(client, scope_keys(TENANT, k)[0])
+            cost, running = await window_cost(client, counter_key(TENANT, k, MINUTE))
             assert cost == running == sum(actual[rid] for (rid, key, _), _ in admitted if key == k)
         h100_cost, h100_running = await window_cost(client, pool_key("h100"))
         on_h100 = [rid for (rid, _, _), d in admitted if d.pool == "h100"]
@@ -102,7 +112,7 @@ async def test_concurrent_reservations_across_tenants_share_the_pool_ceiling_exa
     try:
         async def one(i: int) -> Decision:
             tenant = f"t{i % 7}"
-            scope = ScopeLimit(f"tenant:{tenant}", tokens_per_minute=100_000)
+            scope = ScopeLimit.of(f"tenant:{tenant}", tokens_per_minute=100_000)
             return await replicas[i % REPLICAS].reserve(Reservation(f"r{i}", tenant, (scope,), 300, pools))
 
         decisions = await asyncio.gather(*(one(i) for i in range(N)))

@@ -7,7 +7,6 @@ allow for scheduling delays, never in the direction that would hide an over-admi
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -17,7 +16,6 @@ import pytest
 from redis.asyncio import Redis
 
 from extproc.limiter import (
-    Decision,
     DuplicateReservation,
     InMemoryLimiter,
     PoolCeiling,
@@ -25,123 +23,43 @@ from extproc.limiter import (
     Reservation,
     ScopeLimit,
 )
-from extproc.limiter.memory import quota_period
-from extproc.limiter.redis_backend import Client, pool_key, redis_client, reservation_key, scope_keys
+from extproc.limiter.calendar import Calendar
+from extproc.limiter.redis_backend import counter_key, pool_key, reservation_key
+from extproc.limiter.types import (
+    REQUESTS_HOUR_WINDOW_S,
+    REQUESTS_MINUTE_WINDOW_S,
+    TOKENS_WINDOW_S,
+    Measure,
+    Rule,
+)
+from tests.integration.limiter_harness import (
+    BACKENDS,
+    HOUR_WINDOW,
+    TENANT,
+    WINDOW,
+    FakeClock,
+    Harness,
+    harness,
+)
 
-SCALE = 1 / 64  # a power of two keeps the fake clock's arithmetic exact
-WINDOW = 60 * SCALE  # tokens/minute and requests/minute windows: 0.9375 s
-HOUR_WINDOW = 3600 * SCALE  # requests/hour window: 56.25 s
-TENANT = "acme"
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Harness:
-    """A backend plus the ways a test reads its state and moves its time."""
-
-    def __init__(self, name: str, limiter: InMemoryLimiter | RedisLimiter, clock: FakeClock | None,
-                 client: Client | None) -> None:
-        self.name = name
-        self.limiter = limiter
-        self.clock = clock
-        self.client = client
-        self.exact = clock is not None
-        self._ids = 0
-
-    def rid(self) -> str:
-        self._ids += 1
-        return f"req-{self._ids}"
-
-    async def advance(self, seconds: float) -> None:
-        if self.clock is not None:
-            self.clock.now += seconds
-        else:
-            await asyncio.sleep(seconds)
-
-    async def reserve(
-        self,
-        tokens: int,
-        *scopes: ScopeLimit,
-        pools: tuple[PoolCeiling, ...] = (),
-        request_id: str | None = None,
-        tenant: str = TENANT,
-    ) -> Decision:
-        d = await self.limiter.reserve(
-            Reservation(request_id or self.rid(), tenant, tuple(scopes), tokens, pools)
-        )
-        assert not d.degraded, "the shared backend must answer in these tests"
-        return d
-
-    async def _redis_window(self, key: str, width_s: float, tokens: bool) -> int:
-        assert self.client is not None
-        sec, usec = await self.client.time()
-        now_ms = sec * 1000 + usec // 1000
-        oldest = f"({now_ms - round(width_s * 1000)}"  # exclusive: the window is (now - W, now]
-        members = cast(list[bytes], await self.client.zrangebyscore(key, oldest, "+inf"))
-        if not tokens:
-            return len(members)
-        return sum(int(m.split(b"|", 1)[0]) for m in members)
-
-    async def tokens_in_window(self, scope: str, tenant: str = TENANT) -> int:
-        if isinstance(self.limiter, InMemoryLimiter):
-            return self.limiter.window_total(tenant, scope, "tpm")
-        return await self._redis_window(scope_keys(tenant, scope)[0], WINDOW, tokens=True)
-
-    async def requests_in_window(self, scope: str, kind: str = "rpm", tenant: str = TENANT) -> int:
-        if isinstance(self.limiter, InMemoryLimiter):
-            return self.limiter.window_total(tenant, scope, kind)
-        keys = scope_keys(tenant, scope)
-        key, width = (keys[0], WINDOW) if kind == "rpm" else (keys[1], HOUR_WINDOW)
-        return await self._redis_window(key, width, tokens=False)
-
-    async def pool_tokens(self, pool: str) -> int:
-        if isinstance(self.limiter, InMemoryLimiter):
-            return self.limiter.pool_total(pool)
-        return await self._redis_window(pool_key(pool), WINDOW, tokens=True)
-
-    def assert_wait(self, actual: float, expected: float) -> None:
-        """A retry-after equals the expected wait; on real time it may be smaller by the time that passed."""
-        if self.exact:
-            assert actual == pytest.approx(expected, abs=1e-6)
-        else:
-            assert expected - 0.4 <= actual <= expected + 0.01, (actual, expected)
-
-    def before(self, wait: float) -> float:
-        """How long to travel so that we are still inside a wait (exactly to the edge on the fake clock)."""
-        return wait - 2**-20 if self.exact else wait * 0.4
-
-    def after(self, wait: float) -> float:
-        return wait if self.exact else wait + 0.02
+# The counters the tests read (a rule's limit plays no part in what it counts)
+TPM = Rule(Measure.TOKENS, 0, window_s=TOKENS_WINDOW_S)
+RPM = Rule(Measure.REQUESTS, 0, window_s=REQUESTS_MINUTE_WINDOW_S)
+RPH = Rule(Measure.REQUESTS, 0, window_s=REQUESTS_HOUR_WINDOW_S)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+@pytest.fixture(params=BACKENDS)
 async def h(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
-    if request.param == "memory":
-        clock = FakeClock()
-        yield Harness("memory", InMemoryLimiter(clock=clock, window_scale=SCALE), clock, None)
-        return
-    url: str = request.getfixturevalue("redis_url" if request.param == "redis" else "redis_cluster_url")
-    limiter = RedisLimiter.from_url(url, deadline_ms=2000, window_scale=SCALE)
-    client = redis_client(url, timeout_s=5.0)
-    try:
-        yield Harness(request.param, limiter, None, client)
-    finally:
-        await limiter.aclose()
-        await client.aclose()
+    async with harness(request) as hh:
+        yield hh
 
 
 def tenant_scope(**kw: Any) -> ScopeLimit:
-    return ScopeLimit("tenant:acme", **kw)
+    return ScopeLimit.of("tenant:acme", **kw)
 
 
 def key_scope(**kw: Any) -> ScopeLimit:
-    return ScopeLimit("key:acme-web", **kw)
+    return ScopeLimit.of("key:acme-web", **kw)
 
 
 # -- admission under and over the limit ----------------------------------------------------------
@@ -156,7 +74,7 @@ async def test_admits_under_the_limit_and_reports_the_remaining_tokens(h: Harnes
     assert d1.tokens.reset_seconds == pytest.approx(WINDOW, abs=0.002)
     d2 = await h.reserve(700, scope)
     assert d2.allowed and d2.tokens is not None and d2.tokens.remaining == 0
-    assert await h.tokens_in_window("key:acme-web") == 1000
+    assert await h.used("key:acme-web", TPM) == 1000
 
 
 async def test_denies_over_the_token_limit_with_a_positive_retry_after(h: Harness) -> None:
@@ -168,7 +86,7 @@ async def test_denies_over_the_token_limit_with_a_positive_retry_after(h: Harnes
     assert 0 < d.retry_after_seconds <= WINDOW + 0.001  # Redis works in whole milliseconds
     h.assert_wait(d.retry_after_seconds, WINDOW)
     assert d.tokens is not None and d.tokens.remaining == 100
-    assert await h.tokens_in_window("key:acme-web") == 900
+    assert await h.used("key:acme-web", TPM) == 900
 
 
 async def test_a_denial_on_the_key_writes_nothing_on_the_tenant(h: Harness) -> None:
@@ -177,14 +95,14 @@ async def test_a_denial_on_the_key_writes_nothing_on_the_tenant(h: Harness) -> N
     assert (await h.reserve(400, tenant, key)).allowed
     d = await h.reserve(200, tenant, key)
     assert not d.allowed and d.denied_scope == "key:acme-web"
-    assert await h.tokens_in_window("tenant:acme") == 400
-    assert await h.requests_in_window("tenant:acme") == 1
+    assert await h.used("tenant:acme", TPM) == 400
+    assert await h.used("tenant:acme", RPM) == 1
     # the tenant's quota was not charged either: another key of the tenant sees all but the 400
-    other = ScopeLimit("key:acme-batch", tokens_per_minute=100_000)
+    other = ScopeLimit.of("key:acme-batch", tokens_per_minute=100_000)
     d2 = await h.reserve(9_600, tenant, other)
     assert d2.allowed
-    assert await h.tokens_in_window("tenant:acme") == 10_000
-    assert await h.tokens_in_window("key:acme-web") == 400
+    assert await h.used("tenant:acme", TPM) == 10_000
+    assert await h.used("key:acme-web", TPM) == 400
 
 
 async def test_the_tightest_enforcing_window_is_reported(h: Harness) -> None:
@@ -223,7 +141,23 @@ async def test_the_sliding_window_never_admits_more_than_the_limit(h: Harness) -
     await h.advance(h.after(denied.retry_after_seconds - h.before(denied.retry_after_seconds)))
     assert (await h.reserve(600, scope)).allowed  # exactly the 600 that left
     assert not (await h.reserve(1, scope)).allowed
-    assert await h.tokens_in_window("key:acme-web") == 1000
+    assert await h.used("key:acme-web", TPM) == 1000
+
+
+async def test_a_denial_that_evicts_entries_keeps_the_window_total_exact(h: Harness) -> None:
+    # (reserve.lua kept its stored running totals when a refused request evicted entries: the window then
+    # counted tokens that had left it, and refused requests that fit)
+    scope = key_scope(tokens_per_minute=1000)
+    assert (await h.reserve(600, scope)).allowed
+    await h.advance(WINDOW / 2)
+    assert (await h.reserve(400, scope)).allowed
+    await h.advance(h.after(WINDOW / 2))  # the 600 has left the window; nobody has looked yet
+    d = await h.reserve(700, scope)  # evicts the 600, and is refused: 400 + 700 > 1000
+    assert not d.allowed and d.tokens is not None and d.tokens.remaining == 600
+    assert await h.used("key:acme-web", TPM) == 400
+    assert (await h.reserve(600, scope)).allowed  # exactly what is left
+    assert not (await h.reserve(1, scope)).allowed
+    assert await h.used("key:acme-web", TPM) == 1000
 
 
 async def test_retry_after_waits_for_enough_of_the_oldest_entries(h: Harness) -> None:
@@ -246,7 +180,7 @@ async def test_a_request_larger_than_the_limit_is_too_large_and_writes_nothing(h
     d = await h.reserve(1001, tenant, key)
     assert not d.allowed
     assert (d.denied_scope, d.denied_kind, d.retry_after_seconds) == ("key:acme-web", "too_large", 0.0)
-    assert await h.tokens_in_window("tenant:acme") == 0
+    assert await h.used("tenant:acme", TPM) == 0
     quota = key_scope(quota_tokens=5000)
     d2 = await h.reserve(5001, quota)
     assert (d2.allowed, d2.denied_kind, d2.retry_after_seconds) == (False, "too_large", 0.0)
@@ -257,7 +191,7 @@ async def test_a_reused_request_id_is_refused_without_writing(h: Harness) -> Non
     assert (await h.reserve(100, scope, request_id="same")).allowed
     with pytest.raises(DuplicateReservation):
         await h.reserve(100, scope, request_id="same")
-    assert await h.tokens_in_window("key:acme-web") == 100
+    assert await h.used("key:acme-web", TPM) == 100
 
 
 # -- settlement --------------------------------------------------------------------------------------
@@ -268,7 +202,7 @@ async def test_settling_below_the_estimate_refunds_the_difference(h: Harness) ->
     assert (await h.reserve(800, scope, request_id="a")).allowed
     assert not (await h.reserve(800, scope)).allowed
     assert await h.limiter.settle_now(TENANT, "a", 100)
-    assert await h.tokens_in_window("key:acme-web") == 100
+    assert await h.used("key:acme-web", TPM) == 100
     d = await h.reserve(800, scope)
     assert d.allowed and d.tokens is not None and d.tokens.remaining == 100
     # the quota got the refund too: 100 + 800 used of 1500
@@ -280,7 +214,7 @@ async def test_settling_above_the_estimate_is_debt_that_later_requests_wait_out(
     scope = key_scope(tokens_per_minute=1000)
     assert (await h.reserve(500, scope, request_id="a")).allowed
     assert await h.limiter.settle_now(TENANT, "a", 1500)
-    assert await h.tokens_in_window("key:acme-web") == 1500
+    assert await h.used("key:acme-web", TPM) == 1500
     d = await h.reserve(1, scope)
     assert not d.allowed and d.denied_kind == "tokens"
     assert d.tokens is not None and d.tokens.remaining == 0
@@ -294,7 +228,7 @@ async def test_settling_twice_is_a_no_op(h: Harness) -> None:
     assert (await h.reserve(500, scope, request_id="a")).allowed
     assert await h.limiter.settle_now(TENANT, "a", 200) is True
     assert await h.limiter.settle_now(TENANT, "a", 900) is False
-    assert await h.tokens_in_window("key:acme-web") == 200
+    assert await h.used("key:acme-web", TPM) == 200
     assert await h.limiter.settle_now(TENANT, "never-reserved", 10) is False
 
 
@@ -305,7 +239,7 @@ async def test_queued_settlements_are_applied_by_flush(h: Harness) -> None:
     for i in range(20):
         h.limiter.settle(TENANT, f"q{i}", i)
     await h.limiter.flush()
-    assert await h.tokens_in_window("key:acme-web") == sum(range(20))
+    assert await h.used("key:acme-web", TPM) == sum(range(20))
     if isinstance(h.limiter, RedisLimiter):
         assert h.limiter.settle_queue_depth == 0 and h.limiter.settled == 20
 
@@ -316,7 +250,7 @@ async def test_settling_after_the_entry_left_the_window_changes_nothing_there(h:
     await h.advance(h.after(WINDOW))
     assert (await h.reserve(300, scope)).allowed
     assert await h.limiter.settle_now(TENANT, "a", 5000)  # found, but its window entry is gone
-    assert await h.tokens_in_window("key:acme-web") == 300
+    assert await h.used("key:acme-web", TPM) == 300
 
 
 # -- pools ------------------------------------------------------------------------------------------
@@ -331,7 +265,7 @@ async def test_the_first_pool_with_room_serves_and_overflow_goes_to_the_next(h: 
     d3 = await h.reserve(800, scope, pools=pools)
     assert not d3.allowed and (d3.denied_scope, d3.denied_kind) == ("pool", "pool")
     h.assert_wait(d3.retry_after_seconds, WINDOW)
-    assert await h.tokens_in_window("key:acme-web") == 1600  # the pool denial wrote nothing
+    assert await h.used("key:acme-web", TPM) == 1600  # the pool denial wrote nothing
     assert await h.limiter.settle_now(TENANT, "r1", 100)  # settlement reaches the pool window too
     assert await h.pool_tokens("h100") == 100
     d4 = await h.reserve(800, scope, pools=pools)
@@ -364,7 +298,7 @@ async def test_an_alert_scope_over_its_limit_does_not_block_but_is_reported(h: H
     assert d1.allowed and d1.alerts == ()
     d2 = await h.reserve(400, tenant, key)
     assert d2.allowed and d2.alerts == ("key:acme-web",)
-    assert await h.tokens_in_window("key:acme-web") == 800  # admitted and written
+    assert await h.used("key:acme-web", TPM) == 800  # admitted and written
     assert d2.tokens is not None and d2.tokens.limit == 10_000  # headers come from enforcing scopes only
     d3 = await h.reserve(5000, tenant, key)  # larger than the alert scope's limit itself
     assert d3.allowed and d3.alerts == ("key:acme-web",)
@@ -397,7 +331,7 @@ async def test_requests_per_minute_denies_the_next_request(h: Harness) -> None:
     assert not d.allowed and (d.denied_scope, d.denied_kind) == ("key:acme-web", "requests")
     assert d.requests is not None and d.requests.remaining == 0
     h.assert_wait(d.retry_after_seconds, WINDOW)
-    assert await h.requests_in_window("key:acme-web") == 3
+    assert await h.used("key:acme-web", RPM) == 3
 
 
 async def test_requests_per_hour_denies_with_the_hour_window_wait(h: Harness) -> None:
@@ -408,8 +342,11 @@ async def test_requests_per_hour_denies_with_the_hour_window_wait(h: Harness) ->
     d = await h.reserve(10, scope)
     assert not d.allowed and d.denied_kind == "requests"
     h.assert_wait(d.retry_after_seconds, HOUR_WINDOW - WINDOW / 2)
-    assert d.requests is None  # only per-minute windows are reported
-    assert await h.requests_in_window("key:acme-web", "rph") == 2
+    # every enforced sliding request window is reported (the one with the least room): here the hour's,
+    # full until its newest entry, admitted a moment ago, leaves it
+    assert d.requests is not None and (d.requests.limit, d.requests.remaining) == (2, 0)
+    h.assert_wait(d.requests.reset_seconds, HOUR_WINDOW)
+    assert await h.used("key:acme-web", RPH) == 2
 
 
 async def test_a_zero_request_limit_is_too_large(h: Harness) -> None:
@@ -419,7 +356,7 @@ async def test_a_zero_request_limit_is_too_large(h: Harness) -> None:
 
 def _until_period_end(period: str) -> float:
     now = time.time()
-    return quota_period(now, period)[1] - now
+    return Calendar(period).bounds(now)[1] - now
 
 
 async def test_a_spent_monthly_token_quota_denies_until_the_month_ends(h: Harness) -> None:
@@ -458,13 +395,14 @@ async def test_the_binding_constraint_is_the_longest_wait(h: Harness) -> None:
 )
 def test_quota_periods_are_utc_days_and_months(moment: str) -> None:
     t = datetime.fromisoformat(moment).replace(tzinfo=UTC)
-    day_id, day_end = quota_period(t.timestamp(), "day")
-    assert datetime.fromtimestamp(day_end, UTC) == datetime(t.year, t.month, t.day, tzinfo=UTC) + timedelta(1)
-    month_id, month_end = quota_period(t.timestamp(), "month")
+    day_start, day_end = Calendar("day").bounds(t.timestamp())
+    midnight = datetime(t.year, t.month, t.day, tzinfo=UTC)
+    assert datetime.fromtimestamp(day_start, UTC) == midnight
+    assert datetime.fromtimestamp(day_end, UTC) == midnight + timedelta(1)
+    month_start, month_end = Calendar("month").bounds(t.timestamp())
     nxt = datetime(t.year + (t.month == 12), t.month % 12 + 1, 1, tzinfo=UTC)
+    assert datetime.fromtimestamp(month_start, UTC) == datetime(t.year, t.month, 1, tzinfo=UTC)
     assert datetime.fromtimestamp(month_end, UTC) == nxt
-    assert month_id == t.year * 12 + t.month - 1
-    assert day_id == (t - datetime(1970, 1, 1, tzinfo=UTC)).days
 
 
 # -- backend specifics: the Redis key layout and expiry; the in-memory record expiry --------------
@@ -474,25 +412,32 @@ async def test_redis_keys_share_the_tenant_hash_tag_and_expire(redis_url: str) -
     limiter = RedisLimiter.from_url(redis_url, deadline_ms=2000)
     client = Redis.from_url(redis_url)
     try:
-        scope = ScopeLimit("key:acme-web", tokens_per_minute=1000, requests_per_minute=10,
-                           requests_per_hour=100, quota_tokens=10_000, quota_period="day")
-        d = await limiter.reserve(Reservation("r1", "acme", (scope,), 100, (PoolCeiling("h100", 5000),)))
+        scope = ScopeLimit.of("key:acme-web", tokens_per_minute=1000, requests_per_minute=10,
+                              requests_per_hour=100, quota_tokens=10_000, quota_period="day")
+        # tokens/min and requests/min share one counter: four rules, three counters
+        assert [r.counter for r in scope.rules] == ["w60000", "w60000", "w3600000", "qday"]
+        d = await limiter.reserve(Reservation("r1", "acme", (scope,), 100, (PoolCeiling("h100", 5000),),
+                                              output_tokens=30))
         assert d.allowed and d.pool == "h100"
         keys = sorted(k.decode() for k in cast(list[bytes], await client.keys("*")))
         assert keys == sorted([
             "tm:{t:acme}:res:r1",
-            "tm:{t:acme}:w:key:acme-web:1m",
-            "tm:{t:acme}:w:key:acme-web:1h",
-            "tm:{t:acme}:q:key:acme-web",
-            "tm:{pool:h100}:1m",
+            "tm:{t:acme}:key:acme-web:w60000",
+            "tm:{t:acme}:key:acme-web:w3600000",
+            "tm:{t:acme}:key:acme-web:qday",
+            "tm:{pool:h100}:w",
         ])
-        minute, hour, quota = scope_keys("acme", "key:acme-web")
+        minute, hour, quota = (counter_key("acme", "key:acme-web", c) for c in ("w60000", "w3600000", "qday"))
         for key, longest in ((minute, 61_000), (pool_key("h100"), 61_000), (hour, 3_601_000)):
             assert longest - 1000 < await client.pttl(key) <= longest
-        assert 0 < await client.pttl(quota) <= _until_period_end("day") * 1000 + 1000
+        # a period's counts are kept a day past its end
+        day_ms = 86_400_000
+        assert day_ms < await client.pttl(quota) <= _until_period_end("day") * 1000 + day_ms + 1000
         assert 2 * 3_600_000 - 5000 < await client.pttl(reservation_key("acme", "r1")) <= 2 * 3_600_000
-        # the minute window keeps its running total as the member "#" with score -1 - total
-        assert await client.zscore(minute, "#") == -101
+        # a window keeps its running input and output totals as the members "#i" and "#o", score -1 - total
+        assert (await client.zscore(minute, "#i"), await client.zscore(minute, "#o")) == (-71, -31)
+        assert await client.zrangebyscore(minute, 0, "+inf") == [b"70|30|r1"]
+        assert await client.hmget(quota, ["i", "o", "r"]) == [b"70", b"30", b"1"]
         assert await limiter.settle_now("acme", "r1", 50)
         assert await client.exists(reservation_key("acme", "r1")) == 0
     finally:
@@ -503,10 +448,11 @@ async def test_redis_keys_share_the_tenant_hash_tag_and_expire(redis_url: str) -
 async def test_an_unsettled_memory_reservation_expires_and_idle_windows_are_forgotten() -> None:
     clock = FakeClock()
     limiter = InMemoryLimiter(clock=clock)
-    scope = ScopeLimit("key:k", tokens_per_minute=1000)
+    scope = ScopeLimit.of("key:k", tokens_per_minute=1000)
     assert (await limiter.reserve(Reservation("r1", "acme", (scope,), 100))).allowed
+    assert ("acme", "key:k", "w60000") in limiter._logs
     clock.now += 601  # reservation records live max(2 x longest window, 600 s)
     assert await limiter.settle_now("acme", "r1", 10) is False
     assert (await limiter.reserve(Reservation("r2", "acme", (ScopeLimit("key:other"),), 1))).allowed
-    assert ("acme", "key:k", "tpm") not in limiter._windows
+    assert ("acme", "key:k", "w60000") not in limiter._logs
     assert ("acme", "r1") not in limiter._reservations

@@ -10,10 +10,10 @@ from redis.asyncio import Redis
 
 from extproc.devstack.redis_proc import RedisProcess
 from extproc.limiter import RedisLimiter, Reservation, ScopeLimit
-from extproc.limiter.redis_backend import scope_keys
+from extproc.limiter.redis_backend import counter_key
 
 TENANT = "acme"
-SCOPE = ScopeLimit("key:acme-web", tokens_per_minute=1000)
+SCOPE = ScopeLimit.of("key:acme-web", tokens_per_minute=1000)
 
 
 def reservation(rid: str, tokens: int, scope: ScopeLimit = SCOPE) -> Reservation:
@@ -23,8 +23,9 @@ def reservation(rid: str, tokens: int, scope: ScopeLimit = SCOPE) -> Reservation
 async def tokens_in_window(url: str) -> int:
     client = Redis.from_url(url)
     try:
-        members = cast(list[bytes], await client.zrange(scope_keys(TENANT, SCOPE.scope)[0], 0, -1))
-        return sum(int(m.split(b"|", 1)[0]) for m in members if m != b"#")
+        key = counter_key(TENANT, SCOPE.scope, SCOPE.rules[0].counter)
+        members = cast(list[bytes], await client.zrange(key, 0, -1))
+        return sum(int(m.split(b"|")[0]) + int(m.split(b"|")[1]) for m in members if not m.startswith(b"#"))
     finally:
         await client.aclose()
 
@@ -222,7 +223,7 @@ async def test_fail_open_admits_at_most_one_limit_per_window_on_top_of_redis_how
     so N = replicas_hint replicas add at most N * ceil(L / N) (= L here) to what Redis holds, even
     when the breaker opens and closes again and again inside one window."""
     n, limit = 3, 900
-    tight = ScopeLimit("key:tight", tokens_per_minute=limit)
+    tight = ScopeLimit.of("key:tight", tokens_per_minute=limit)
     replicas = [limiter(own_redis.url, replicas_hint=n, breaker_threshold=1, breaker_cooldown_s=0.1)
                 for _ in range(n)]
     degraded = [0] * n

@@ -26,12 +26,12 @@ def _policy(mode: Mode = Mode.ENFORCE) -> Policy:
         tenant="acme",
         project="chat",
         team="support",
-        limits=Limits(tokens_per_minute=100),
+        limits=Limits.of(tokens_per_minute=100),
     )
     tenant = Tenant(
         "acme",
-        Limits(tokens_per_minute=1000, action=Action.ALERT),
-        {"chat": Project("chat", Limits(), {"support": Team("support", Limits(requests_per_minute=5))})},
+        Limits.of(tokens_per_minute=1000, action=Action.ALERT),
+        {"chat": Project("chat", Limits(), {"support": Team("support", Limits.of(requests_per_minute=5))})},
     )
     return Policy(
         version="t1",
@@ -61,17 +61,18 @@ def test_keys_are_identified_by_hash_only() -> None:
 
 def test_scope_path_charges_every_level_with_limits_and_skips_empty_ones() -> None:
     path = scope_path(next(iter(_policy().keys_by_sha256.values())), _policy())
-    names = [s.scope for s in path.scopes]
+    scopes = path.for_model("")
+    names = [s.scope for s in scopes]
     assert names == ["tenant:acme", "team:acme/chat/support", "key:web"]
-    tenant = path.scopes[0]
-    assert tenant.enforce is False  # action alert
-    assert all(s.enforce for s in path.scopes[1:])
+    tenant = scopes[0]
+    assert not any(rule.enforce for rule in tenant.rules)  # action alert: over it is let through
+    assert all(s.enforce and all(rule.enforce for rule in s.rules) for s in scopes[1:])
 
 
 def test_shadow_mode_enforces_nothing() -> None:
     policy = _policy(Mode.SHADOW)
     path = scope_path(next(iter(policy.keys_by_sha256.values())), policy)
-    assert not any(s.enforce for s in path.scopes)
+    assert not any(s.enforce for s in path.for_model(""))
 
 
 def test_reservation_is_prompt_plus_bounded_output() -> None:
@@ -109,5 +110,5 @@ def test_a_tenant_in_shadow_mode_never_enforces_while_the_policy_does() -> None:
     acme = next(k for k in policy.keys_by_sha256.values() if k.tenant == "acme")
     assert policy.mode is Mode.ENFORCE
     shadow, enforced = scope_path(globex, policy), scope_path(acme, policy)
-    assert shadow.mode is Mode.SHADOW and not any(s.enforce for s in shadow.scopes)
-    assert enforced.mode is Mode.ENFORCE and any(s.enforce for s in enforced.scopes)
+    assert shadow.mode is Mode.SHADOW and not any(s.enforce for s in shadow.for_model(""))
+    assert enforced.mode is Mode.ENFORCE and any(s.enforce for s in enforced.for_model(""))

@@ -328,7 +328,8 @@ def _edited_example() -> tuple[Policy, Policy, str]:
         .replace("    tokens_per_minute: 3000\n", "    tokens_per_minute: 4000\n")
         .replace("6f34b1eb8f37cf6e33fbb0a2226dc943ba8673d121072f1728d370712d374bfe", rotated)
         .replace("          support: {}\n", "          support: {}\n          research: {}\n")
-        .replace('models: ["llama-3.1-8b", "llama-3.1-70b", "claude-sonnet"]', 'models: ["llama-3.1-8b", "gpt-x"]')
+        .replace('models: ["llama-3.1-8b", "llama-3.1-70b", "claude-sonnet"]',
+                 'models: ["llama-3.1-70b", "claude-sonnet", "gpt-x"]')
     )
     cut = edited.index("  - id: globex-search")
     edited = edited[:cut] + f"""  - id: acme-research
@@ -353,7 +354,7 @@ def test_the_change_summary_between_two_real_policies() -> None:
         "keys_rotated": ["acme-batch"],
         "pools_changed": {"h100": {"tokens_per_minute": [3000, 4000]}},
         "models_added": ["gpt-x"],
-        "models_removed": ["claude-sonnet", "llama-3.1-70b"],
+        "models_removed": ["llama-3.1-8b"],
     }
 
 
@@ -367,7 +368,7 @@ def test_policy_loaded_names_version_file_hash_and_changes_never_key_digests(tmp
     assert event.fields["version"] == "2026-11-28.1"
     assert event.fields["previous_version"] == "2026-11-27.1"
     assert event.fields["file"] == str(path) and event.fields["file_sha256"] == digest
-    assert event.fields["counts"] == {"tenants": 2, "projects": 2, "teams": 2, "keys": 3, "pools": 2}
+    assert event.fields["counts"] == {"tenants": 4, "projects": 5, "teams": 4, "keys": 6, "pools": 2}
     encoded = orjson.dumps(dict(event.fields)).decode()
     for policy in (old, new):
         for sha in policy.keys_by_sha256:
@@ -377,8 +378,10 @@ def test_policy_loaded_names_version_file_hash_and_changes_never_key_digests(tmp
 def test_the_first_load_counts_everything_as_added() -> None:
     policy = parse_policy(EXAMPLE.read_text(), str(EXAMPLE))
     changes = policy_changes(None, policy)
-    assert changes["tenants_added"] == ["acme", "globex"]
-    assert changes["keys_added"] == ["acme-batch", "acme-chatbot-web", "globex-search"]
+    assert changes["tenants_added"] == ["acme", "globex", "hooli", "initech"]
+    assert changes["keys_added"] == [
+        "acme-batch", "acme-chatbot-web", "globex-search", "hooli-prototype", "initech-research-nlp",
+        "initech-support-bot"]
     assert "limits_changed" not in changes and "mode" not in changes
     assert policy_changes(policy, policy) == {}
 

@@ -79,7 +79,7 @@ def test_the_identity_section_is_read() -> None:
     [corp] = policy.identity.jwt
     assert (corp.name, corp.issuer, corp.audiences) == ("corp", "https://idp.example", ("tokenmeter",))
     assert (corp.tenant_claim, corp.project_claim, corp.team_claim) == ("org", "proj", "team")
-    assert corp.subjects == {"alice": Limits(requests_per_minute=7)}
+    assert corp.subjects == {"alice": Limits.of(requests_per_minute=7)}
     assert json.loads(corp.jwks)["keys"][0]["kid"] == "k1"
     assert not parse_policy(E2E_POLICY.read_text(), "p.yaml").identity.jwt
 
@@ -148,7 +148,7 @@ def test_claims_name_the_tenant_project_and_team_and_the_key_id_names_the_subjec
                                                                           Limits())
     alice = identify_jwt(corp, _claims(sub="alice", org="globex", proj="search"), policy)
     assert not isinstance(alice, ClaimRefusal)
-    assert (alice.tenant, alice.team, alice.limits) == ("globex", None, Limits(requests_per_minute=7))
+    assert (alice.tenant, alice.team, alice.limits) == ("globex", None, Limits.of(requests_per_minute=7))
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,7 @@ class RecordingLimiter:
             return Decision(allowed=True, pool="h100")
         return Decision(allowed=False, denied_scope="key:e2e-basic", denied_kind="tokens", retry_after_seconds=2.0)
 
-    def settle(self, tenant: str, request_id: str, actual_tokens: int) -> None:
+    def settle(self, tenant: str, request_id: str, actual_tokens: int, output_tokens: int | None = None) -> None:
         self.settled.append((tenant, request_id, actual_tokens))
 
     async def flush(self) -> None: ...

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from extproc.limiter.types import Decision, Reservation
+from extproc.limiter.types import Decision, Measure, Reservation
 from extproc.policy import load_policy
 from extproc.policy.model import Limits, Policy
 from extproc.service.processor import Context, StreamProcessor
@@ -29,7 +29,7 @@ class Recording:
         self.reserved.append(r)
         return Decision(allowed=True, pool=r.pools[0].name if r.pools else None)
 
-    def settle(self, tenant: str, request_id: str, actual_tokens: int) -> None: ...
+    def settle(self, tenant: str, request_id: str, actual_tokens: int, output_tokens: int | None = None) -> None: ...
 
     async def flush(self) -> None: ...
 
@@ -47,9 +47,9 @@ async def test_a_reloaded_policy_changes_the_limits_of_the_next_request() -> Non
 
     keys = dict(live.current.keys_by_sha256)
     digest, key = next((d, k) for d, k in keys.items() if k.key_id == "e2e-basic")
-    keys[digest] = replace(key, limits=Limits(tokens_per_minute=12_345))
+    keys[digest] = replace(key, limits=Limits.of(tokens_per_minute=12_345))
     live.current = replace(live.current, version="edited", keys_by_sha256=keys)
     await StreamProcessor(ctx).handle(body_only(CHAT))
     third = limiter.reserved[2]
     key_scope = next(s for s in third.scopes if s.scope == "key:e2e-basic")
-    assert key_scope.tokens_per_minute == 12_345
+    assert [(r.measure, r.limit, r.window_s) for r in key_scope.rules] == [(Measure.TOKENS, 12_345, 60.0)]

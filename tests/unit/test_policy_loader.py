@@ -8,8 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extproc.limiter.types import Measure
 from extproc.policy import (
     Action,
+    Limits,
     Mode,
     Period,
     PolicyError,
@@ -63,6 +65,12 @@ def _marked_line(text: str) -> int:
     return lines[0]
 
 
+def per_minute(limits: Limits) -> tuple[int | None, int | None]:
+    """(tokens, requests) per sliding minute of every model, as the shorthand wrote them."""
+    found = {r.measure: r.limit for r in limits.rules if r.window_s == 60 and r.models is None}
+    return found.get(Measure.TOKENS), found.get(Measure.REQUESTS)
+
+
 def _error(text: str, source: str = "p.yaml") -> PolicyError:
     with pytest.raises(PolicyError) as info:
         parse_policy(text, source)
@@ -75,7 +83,10 @@ def _error(text: str, source: str = "p.yaml") -> PolicyError:
 def test_example_policy_loads_with_the_demo_keys() -> None:
     policy = load_policy(EXAMPLE)
     by_id = {key.key_id: key for key in policy.keys_by_sha256.values()}
-    assert set(by_id) == {"acme-chatbot-web", "acme-batch", "globex-search"}
+    assert set(by_id) == {
+        "acme-chatbot-web", "acme-batch", "globex-search", "initech-research-nlp", "initech-support-bot",
+        "hooli-prototype",
+    }
     assert by_id["acme-chatbot-web"].sha256 == hash_key("tm-demo-acme-web")
     assert by_id["acme-batch"].sha256 == hash_key("tm-demo-acme-batch")
     assert by_id["globex-search"].sha256 == hash_key("tm-demo-globex-search")
@@ -88,19 +99,19 @@ def test_example_policy_attributes_each_key_and_sets_its_limits() -> None:
     search = policy.key_for_hash(hash_key("tm-demo-globex-search"))
     assert web is not None and batch is not None and search is not None
     assert (web.tenant, web.project, web.team) == ("acme", "chatbot", "support")
-    assert (web.limits.tokens_per_minute, web.limits.requests_per_minute) == (6000, 120)
+    assert per_minute(web.limits) == (6000, 120)
     assert (batch.tenant, batch.project, batch.team) == ("acme", "chatbot", None)
-    assert (batch.limits.tokens_per_minute, batch.limits.requests_per_minute) == (40000, 600)
+    assert per_minute(batch.limits) == (40000, 600)
     assert (search.tenant, search.project, search.team) == ("globex", "search", None)
-    assert (search.limits.tokens_per_minute, search.limits.requests_per_minute) == (1500, 30)
+    assert per_minute(search.limits) == (1500, 30)
 
 
 def test_example_policy_has_tenants_pools_and_rules() -> None:
     policy = load_policy(EXAMPLE)
     assert policy.pools == (Pool("h100", 3000, ("model-h100:8000",)), Pool("cheap", None, ("model-cheap:8000",)))
-    assert set(policy.tenants) == {"acme", "globex"}
+    assert set(policy.tenants) == {"acme", "globex", "initech", "hooli"}
     acme = policy.tenants["acme"]
-    assert (acme.limits.tokens_per_minute, acme.limits.requests_per_minute) == (200000, 1200)
+    assert per_minute(acme.limits) == (200000, 1200)
     assert set(acme.projects["chatbot"].teams) == {"support"}
     assert set(policy.tenants["globex"].projects) == {"search"}
     assert policy.mode is Mode.ENFORCE
@@ -108,6 +119,33 @@ def test_example_policy_has_tenants_pools_and_rules() -> None:
     assert policy.request.default_max_tokens == 256
     assert policy.request.max_tokens_cap == 4096
     assert policy.source == str(EXAMPLE)
+
+
+def test_example_policy_shows_calendars_shares_concurrency_and_per_model_rules() -> None:
+    policy = load_policy(EXAMPLE)
+    initech = policy.tenants["initech"]
+    assert (initech.time_zone, initech.billing_anchor_day) == ("America/New_York", 15)
+    month = next(r for r in initech.limits.rules if r.period is Period.MONTH)
+    assert (month.limit, month.action, month.alert_at) == (500_000_000, Action.BLOCK, (50, 80, 100))
+    claude = next(r for r in initech.limits.rules if r.models is not None)
+    assert (claude.measure, claude.period, claude.models) == (Measure.OUTPUT_TOKENS, Period.DAY,
+                                                              frozenset({"claude-sonnet"}))
+    research = initech.projects["research"]
+    assert [(r.limit, r.alert_at) for r in research.limits.rules] == [(300_000_000, (90,))]  # 60% of 500M
+    assert [r.limit for r in research.teams["nlp"].limits.rules] == [150_000_000]  # 50% of the project's
+    assert [r.limit for r in research.teams["vision"].limits.rules] == [90_000_000]
+    bot = initech.projects["support-bot"].limits.rules
+    assert [(r.measure, r.limit, r.window_s) for r in bot] == [
+        (Measure.CONCURRENT, 16, None),
+        (Measure.INPUT_TOKENS, 300_000, 60.0),
+        (Measure.OUTPUT_TOKENS, 60_000, 60.0),
+        (Measure.REQUESTS, 20_000, 86_400.0),
+    ]
+    hooli = policy.tenants["hooli"].limits
+    assert hooli.action is Action.BLOCK
+    large = next(r for r in hooli.rules if r.models is not None)
+    assert (large.limit, large.window_s, large.action) == (100, 3600.0, Action.THROTTLE)
+    assert large.models == frozenset({"llama-3.1-70b", "claude-sonnet"})
 
 
 def test_example_policy_holds_no_raw_demo_key() -> None:
@@ -139,13 +177,15 @@ def test_all_limit_fields_are_read() -> None:
         "      action: block\n",
     )
     limits = parse_policy(text, "p.yaml").tenants["acme"].limits
-    assert limits.tokens_per_minute == 1000
-    assert limits.requests_per_minute == 20
-    assert limits.requests_per_hour == 300
-    assert limits.quota_tokens == 50000000
-    assert limits.quota_requests == 9000
-    assert limits.quota_period is Period.DAY
     assert limits.action is Action.BLOCK
+    assert [(r.measure, r.limit, r.window_s, r.period, r.action) for r in limits.rules] == [
+        (Measure.TOKENS, 1000, 60.0, None, Action.BLOCK),
+        (Measure.REQUESTS, 20, 60.0, None, Action.BLOCK),
+        (Measure.REQUESTS, 300, 3600.0, None, Action.BLOCK),
+        (Measure.TOKENS, 50000000, None, Period.DAY, Action.BLOCK),
+        (Measure.REQUESTS, 9000, None, Period.DAY, Action.BLOCK),
+    ]
+    assert all(r.models is None and r.alert_at == () for r in limits.rules)
 
 
 def test_explicit_sections_are_read() -> None:
@@ -175,7 +215,21 @@ def test_yaml_anchors_can_share_limits() -> None:
     text = _edit("    limits: {tokens_per_minute: 1000}\n", "    limits: &std {tokens_per_minute: 1000}\n")
     text = text.replace("    limits: {tokens_per_minute: 10}\n", "    limits: *std\n")
     policy = parse_policy(text, "p.yaml")
-    assert policy.keys_by_sha256[WEB].limits.tokens_per_minute == 1000
+    assert per_minute(policy.keys_by_sha256[WEB].limits) == (1000, None)
+
+
+def test_yaml_aliases_that_expand_without_bound_are_refused() -> None:
+    lines = ["x0: &a0 [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]"]
+    lines += [f"x{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]  # 10^8 values
+    error = _error("\n".join(lines) + "\n" + BASE)
+    assert "YAML aliases here expand to more than 100000 values" in error.reason
+    assert error.line is not None and 2 <= error.line <= 8
+
+
+def test_an_explicit_null_is_not_an_omitted_key() -> None:
+    error = _error(_edit("    team: support\n", "    team:\n"))
+    assert (error.line, error.reason) == (18, "keys[0].team must be a string, got null (quote it)")
+    assert "must be a mapping, got null" in _error(BASE + "identity:\n").reason
 
 
 def test_an_all_digit_sha256_left_unquoted_is_still_accepted() -> None:
@@ -312,8 +366,8 @@ ERROR_CASES = [
     ),
     pytest.param(
         "    limits: {tokens_per_minute: 1000}\n",
-        "    limits: {quota_period: week}  #<\n",
-        "unknown quota_period 'week' (expected one of: day, month)",
+        "    limits: {quota_tokens: 5, quota_period: year}  #<\n",
+        "unknown quota_period 'year' (expected one of: day, week, month)",
         id="quota-period",
     ),
     pytest.param(

@@ -35,7 +35,9 @@ def store(policy_file: Path) -> PolicyStore:
 
 
 def _limit(policy: Policy) -> int | None:
-    return policy.keys_by_sha256[KEY].limits.tokens_per_minute
+    """The key's tokens per minute (the policy's `tokens_per_minute`)."""
+    rules = policy.keys_by_sha256[KEY].limits.rules
+    return next((r.limit for r in rules if r.measure == "tokens" and r.window_s == 60), None)
 
 
 def test_store_loads_the_file_at_once(store: PolicyStore, policy_file: Path) -> None:

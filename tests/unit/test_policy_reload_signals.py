@@ -31,7 +31,9 @@ def _policy_text(version: str, tokens_per_minute: int = 100) -> str:
 
 
 def _limit(policy: Policy) -> int | None:
-    return policy.keys_by_sha256[KEY].limits.tokens_per_minute
+    """The key's tokens per minute (the policy's `tokens_per_minute`)."""
+    rules = policy.keys_by_sha256[KEY].limits.rules
+    return next((r.limit for r in rules if r.measure == "tokens" and r.window_s == 60), None)
 
 
 class ConfigMapDir:

@@ -27,7 +27,7 @@ class HangingLimiter:
         await asyncio.Event().wait()  # the script was sent; the answer never comes
         raise AssertionError("unreachable")
 
-    def settle(self, tenant: str, request_id: str, actual_tokens: int) -> None:
+    def settle(self, tenant: str, request_id: str, actual_tokens: int, output_tokens: int | None = None) -> None:
         self.settled.append((tenant, request_id, actual_tokens))
 
     async def flush(self) -> None: ...

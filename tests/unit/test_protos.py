@@ -49,6 +49,7 @@ def _full() -> pb.AdmissionFacts:
         usage_injected=True,
         shadow_scope="key:ci-bot",
         shadow_action="throttle",
+        shadow_kind="quota_requests",
     )
 
 

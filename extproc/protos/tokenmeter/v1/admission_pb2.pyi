@@ -72,7 +72,7 @@ ENDING_REFUSED_BY_ENVOY: Ending
 ENDING_NOT_GOVERNED: Ending
 
 class AdmissionFacts(_message.Message):
-    __slots__ = ("request_id", "admitted_at", "policy_version", "tenant", "project", "team", "key_id", "api", "path", "requested_model", "stream", "pool", "reserved_tokens", "prompt_estimate", "decision", "max_output_tokens", "alerts", "degraded", "usage_injected", "shadow_scope", "shadow_action")
+    __slots__ = ("request_id", "admitted_at", "policy_version", "tenant", "project", "team", "key_id", "api", "path", "requested_model", "stream", "pool", "reserved_tokens", "prompt_estimate", "decision", "max_output_tokens", "alerts", "degraded", "usage_injected", "shadow_scope", "shadow_action", "shadow_kind")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADMITTED_AT_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class AdmissionFacts(_message.Message):
     USAGE_INJECTED_FIELD_NUMBER: _ClassVar[int]
     SHADOW_SCOPE_FIELD_NUMBER: _ClassVar[int]
     SHADOW_ACTION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_KIND_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     admitted_at: _timestamp_pb2.Timestamp
     policy_version: str
@@ -115,4 +116,5 @@ class AdmissionFacts(_message.Message):
     usage_injected: bool
     shadow_scope: str
     shadow_action: str
-    def __init__(self, request_id: _Optional[str] = ..., admitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_version: _Optional[str] = ..., tenant: _Optional[str] = ..., project: _Optional[str] = ..., team: _Optional[str] = ..., key_id: _Optional[str] = ..., api: _Optional[_Union[Api, str]] = ..., path: _Optional[str] = ..., requested_model: _Optional[str] = ..., stream: _Optional[bool] = ..., pool: _Optional[str] = ..., reserved_tokens: _Optional[int] = ..., prompt_estimate: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., max_output_tokens: _Optional[int] = ..., alerts: _Optional[_Iterable[str]] = ..., degraded: _Optional[bool] = ..., usage_injected: _Optional[bool] = ..., shadow_scope: _Optional[str] = ..., shadow_action: _Optional[str] = ...) -> None: ...
+    shadow_kind: str
+    def __init__(self, request_id: _Optional[str] = ..., admitted_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., policy_version: _Optional[str] = ..., tenant: _Optional[str] = ..., project: _Optional[str] = ..., team: _Optional[str] = ..., key_id: _Optional[str] = ..., api: _Optional[_Union[Api, str]] = ..., path: _Optional[str] = ..., requested_model: _Optional[str] = ..., stream: _Optional[bool] = ..., pool: _Optional[str] = ..., reserved_tokens: _Optional[int] = ..., prompt_estimate: _Optional[int] = ..., decision: _Optional[_Union[Decision, str]] = ..., max_output_tokens: _Optional[int] = ..., alerts: _Optional[_Iterable[str]] = ..., degraded: _Optional[bool] = ..., usage_injected: _Optional[bool] = ..., shadow_scope: _Optional[str] = ..., shadow_action: _Optional[str] = ..., shadow_kind: _Optional[str] = ...) -> None: ...
