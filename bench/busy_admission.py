@@ -76,7 +76,7 @@ async def _replica(args: argparse.Namespace, index: int, url: str, start_at: flo
         kw["max_wait_ms"] = args.max_wait_ms
     lim = RedisLimiter.from_url(url, **kw)
     await lim.start()
-    scopes = (ScopeLimit(SCOPE_NAME, tokens_per_minute=args.limit),)
+    scopes = (ScopeLimit.of(SCOPE_NAME, tokens_per_minute=args.limit),)
     result = ReplicaResult()
     rng = random.Random(index)
     interval = args.clients * args.processes / args.rate  # seconds between one client's requests
@@ -145,10 +145,10 @@ class RedisSeen:
 async def _watch_redis(url: str, start_at: float, stop_at: float, deadline_ms: float) -> RedisSeen:
     from redis.asyncio import Redis
 
-    from extproc.limiter.redis_backend import scope_keys
+    from extproc.limiter.redis_backend import counter_key
 
     client = Redis.from_url(url)
-    key = scope_keys(TENANT, SCOPE_NAME)[0]
+    key = counter_key(TENANT, SCOPE_NAME, "w60000")  # the tokens/min window
     seen = RedisSeen()
     next_total = next_log = 0.0
     try:
@@ -162,9 +162,10 @@ async def _watch_redis(url: str, start_at: float, stop_at: float, deadline_ms: f
             seen.slowest_ms = max(seen.slowest_ms, rtt_ms)
             if asked >= next_total:
                 next_total = asked + 0.2
-                score = await client.zscore(key, "#")
-                if score is not None:
-                    seen.most = max(seen.most, -1 - int(score))
+                scores = await client.zmscore(key, ["#i", "#o"])  # running totals, stored as -1 - total
+                totals = [-1 - int(score) for score in scores if score is not None]
+                if len(totals) == 2:
+                    seen.most = max(seen.most, sum(totals))
             if asked >= next_log:
                 next_log = asked + 5.0
                 await _read_log(client, key, seen)
@@ -180,8 +181,8 @@ async def _watch_redis(url: str, start_at: float, stop_at: float, deadline_ms: f
 
 async def _read_log(client: Any, key: str, seen: RedisSeen) -> None:
     for member, score in await client.zrange(key, 0, -1, withscores=True):
-        if member != b"#":
-            seen.admitted_at[member.split(b"|", 1)[1].decode()] = score / 1000.0
+        if not member.startswith(b"#"):  # "<input>|<output>|<request id>"
+            seen.admitted_at[member.split(b"|", 2)[2].decode()] = score / 1000.0
 
 
 def worst_window(admitted: Sequence[tuple[float, int, bool]], width: float = WINDOW_S) -> tuple[int, int, float]:

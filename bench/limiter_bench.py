@@ -27,14 +27,14 @@ from redis.asyncio import Redis
 
 from extproc.devstack.redis_proc import start_redis_server
 from extproc.limiter import PoolCeiling, RedisLimiter, Reservation, ScopeLimit
-from extproc.limiter.redis_backend import pool_key, reservation_key, scope_keys
+from extproc.limiter.redis_backend import counter_key, pool_key, reservation_key
 
 BIG = 10**12
 SCOPES = (
-    ScopeLimit("tenant:acme", tokens_per_minute=BIG, requests_per_minute=BIG, quota_tokens=BIG),
-    ScopeLimit("project:acme/chatbot", tokens_per_minute=BIG, requests_per_minute=BIG),
-    ScopeLimit("team:acme/chatbot/support", tokens_per_minute=BIG, requests_per_minute=BIG),
-    ScopeLimit("key:acme-web", tokens_per_minute=BIG, requests_per_minute=BIG),
+    ScopeLimit.of("tenant:acme", tokens_per_minute=BIG, requests_per_minute=BIG, quota_tokens=BIG),
+    ScopeLimit.of("project:acme/chatbot", tokens_per_minute=BIG, requests_per_minute=BIG),
+    ScopeLimit.of("team:acme/chatbot/support", tokens_per_minute=BIG, requests_per_minute=BIG),
+    ScopeLimit.of("key:acme-web", tokens_per_minute=BIG, requests_per_minute=BIG),
 )
 POOLS = (PoolCeiling("h100", BIG), PoolCeiling("a10", None))
 
@@ -147,14 +147,16 @@ async def memory(url: str) -> tuple[list[dict[str, Any]], list[tuple[str, int, s
 
     try:
         await admin.flushall()
-        scope = ScopeLimit(
+        scope = ScopeLimit.of(
             "key:acme-web",
             tokens_per_minute=BIG,
             requests_per_minute=BIG,
             requests_per_hour=BIG,
             quota_tokens=BIG,
         )
-        minute, hour, quota = scope_keys(tenant, scope.scope)
+        # the counters: minute (tokens/min and requests/min), hour, the month's quota
+        counters = dict.fromkeys(r.counter for r in scope.rules)
+        minute, hour, quota = (counter_key(tenant, scope.scope, c) for c in counters)
         done = 0
         prev = (0, 0, 0)
         for n in (1, 10, 100, 127, 128, 1000, 10000):
@@ -174,7 +176,7 @@ async def memory(url: str) -> tuple[list[dict[str, Any]], list[tuple[str, int, s
                 }
             )
             prev = (n, m_b, h_b)
-        others.append(("quota HASH {p, t, r}", await usage(quota), "one per scope with a quota"))
+        others.append(("quota HASH {p, e, i, o, r}", await usage(quota), "one per scope with a quota"))
         await admin.flushall()
         rid = str(uuid.uuid4())
         await limiter.reserve(Reservation(rid, tenant, SCOPES, 1200, POOLS))
@@ -245,7 +247,7 @@ async def main() -> None:
         print_table(await throughput(url, node_urls, seconds, concurrencies))
         if not args.no_memory and not args.cluster:
             windows, others = await memory(url)
-            print('\nMEMORY USAGE <key> SAMPLES 0 (members: "1200|<uuid4>" and "<uuid4>")\n')
+            print('\nMEMORY USAGE <key> SAMPLES 0 (members: "1200|0|<uuid4>", and the "#i", "#o" totals)\n')
             print_table(windows)
             print("\n| key | bytes | note |\n|---|---|---|")
             for name, size, note in others:

@@ -48,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
         usage_log=args.usage_log,
         grace_seconds=args.grace,
         replicas_hint=args.replicas_hint,
+        window_scale=args.window_scale,
         metrics_port=args.metrics_port,
         settle_secret_file=args.settle_secret_file,
         audit_log=args.audit_log,
@@ -101,6 +102,16 @@ def _report(args: argparse.Namespace) -> int:
         return 2
     print(format_table(summarize(records)))
     return 0
+
+
+def _window_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def _policy_check(args: argparse.Namespace) -> int:
@@ -168,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--usage-log", default="var/usage.jsonl", help="JSON Lines file of usage records")
     s.add_argument("--grace", type=float, default=10.0, help="seconds open streams get on SIGTERM")
     s.add_argument("--replicas-hint", type=int, default=1, help="replicas sharing limits (fail-open split)")
+    s.add_argument("--window-scale", type=_window_scale, default=1.0,
+                   help="testing and demos only: scale every sliding window, pool minute and lease by this "
+                   "factor (0 < f <= 1; calendar periods are not scaled)")
     s.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on 127.0.0.1:PORT")
     s.add_argument("--settle-secret-file", default=None,
                    help="a secret (>= 16 bytes, the same for every replica) that seals admission metadata; "

@@ -40,3 +40,6 @@ class Settings:
     alert_webhook: str | None = None  # http(s) URL alert events are POSTed to (extproc.alerts)
     alert_webhook_secret_file: str | None = None  # HMAC-SHA256 key for x-tokenmeter-signature
     alert_queue: int = 1000  # alert events waiting for the webhook; a full queue drops new ones
+    # testing and demos only: every sliding window, pool minute and concurrency lease is this fraction
+    # of its length (calendar periods are not scaled). Production: 1.
+    window_scale: float = 1.0

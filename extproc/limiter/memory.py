@@ -488,14 +488,16 @@ class InMemoryLimiter:
                 if their_used > 0 or self._demand.get((p.name, owner), -math.inf) > now:
                     held += max(0, (_divided(guaranteed, div) or 0) - their_used)
         spilling = self._spilling.get(p.name, -math.inf) > now
-        line = low if spilling else ceiling
+        # an owner within its guarantee is not held back by the hysteresis line: only the ceiling
+        line = low if spilling and not within else ceiling
         if used + total + held <= line:
-            self._spilling.pop(p.name, None)
+            if spilling and used + total <= low:
+                del self._spilling[p.name]
             return [pool] if mine is None else [pool, mine]
         if used + total > ceiling:  # full: spill until it drains below the low line
             self._spilling[p.name] = now + self._pool_width
-            if within and p.owner:  # an owner refused within its guarantee: borrowers give way
-                self._demand[(p.name, p.owner)] = now + self._pool_width
+        if within:  # an owner refused within its guarantee: borrowers give way from now on
+            self._demand[(p.name, p.owner)] = now + self._pool_width
         need = line - held
         if need < total:
             return self._pool_width

@@ -32,8 +32,10 @@ over-admit. The pool's reservation has its own record on its shard; the tenant's
 candidate pools, so settlement (from any process) settles the tenant's record and then the candidates'
 records in a second pipelined call (the pools not chosen have no record: no-ops).
 
-Scope encoding: flat ARGV (8 strings per scope, 2 per pool) and declared KEYS (3 per scope, 1 per pool),
-cached per (tenant, scope): no JSON to build or decode on either side.
+Scope encoding: flat ARGV (per scope its counters, per counter its rules; see reserve.lua's header) and
+declared KEYS (one per counter, then the pools'), packed once per (tenant, scopes, pools, calendar periods)
+on the pipelined connection: no JSON to build or decode on either side. Calendar periods, and waits until
+their end, follow the caller's wall clock (``wall_clock``), sent with each call; sliding windows Redis TIME.
 """
 
 from __future__ import annotations

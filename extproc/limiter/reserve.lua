@@ -347,16 +347,16 @@ if npools > 0 then
           end
         end
         local spilling = redis.call('EXISTS', spill_key) == 1
+        -- an owner within its guarantee is not held back by the hysteresis line: only the ceiling
         local line = ceiling
-        if spilling then line = low end
+        if spilling and not within then line = low end
         if used + total + held <= line then
           fits = true
-          if spilling then redis.call('DEL', spill_key) end
+          if spilling and used + total <= low then redis.call('DEL', spill_key) end
         else
-          if used + total > ceiling then
-            redis.call('SET', spill_key, 1, 'PX', w_pool)
-            if within then redis.call('SET', demand_key, 1, 'PX', w_pool) end
-          end
+          if used + total > ceiling then redis.call('SET', spill_key, 1, 'PX', w_pool) end
+          -- an owner refused within its guarantee: borrowers give way from now on
+          if within then redis.call('SET', demand_key, 1, 'PX', w_pool) end
           local need = line - held
           if need < total then
             wait = w_pool

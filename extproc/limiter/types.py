@@ -189,7 +189,8 @@ class PoolCeiling:
     unused guarantee is lent while it is idle; once it uses the pool (or was refused by it) within the
     window, a request beyond its own guarantee fits only if the active owners' unused guarantees still
     fit too: borrowers are refused first, and the owner wins its guarantee back as borrowed tokens leave
-    the window. The ceiling itself is never exceeded.
+    the window. A request within its owner's guarantee is held to the ceiling, not to the hysteresis
+    line. The ceiling itself is never exceeded.
     """
 
     name: str

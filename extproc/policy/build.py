@@ -103,6 +103,9 @@ class _Builder:
             if pool.name in seen:
                 raise self.fail(path, f"duplicate pool name '{pool.name}' (first at line {seen[pool.name]})")
             seen[pool.name] = self.first(path)
+            if pool.models is not None and not pool.models:
+                raise self.fail(("pools", index, "models"), f"pool '{pool.name}' lists no models: it could never "
+                                "serve (omit models to serve every model)")
             pools.append(Pool(
                 name=pool.name, tokens_per_minute=pool.tokens_per_minute, endpoints=tuple(pool.endpoints or ()),
                 reports_usage=pool.reports_usage,

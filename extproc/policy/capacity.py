@@ -8,10 +8,15 @@ from extproc.policy.model import Policy
 
 def routes(policy: Policy) -> list[str]:
     """One line per model: the pools it may go to, in the order they are tried."""
-    models = sorted(policy.models) or ["(any model)"]
+    named = set(policy.models).union(*(p.models for p in policy.pools if p.models is not None))
+    models = sorted(named)
+    other = None
+    if not policy.models:  # unlisted models are served too: by the pools that name no models
+        other = "(any other model)" if named else "(any model)"
+        models.append(other)
     out = []
     for model in models:
-        pools = [p for p in policy.pools if p.models is None or model in p.models]
+        pools = [p for p in policy.pools if p.models is None or (model != other and model in p.models)]
         chain = " -> ".join(
             f"{p.name} ({p.tokens_per_minute} tokens/min)" if p.tokens_per_minute is not None
             else f"{p.name} (no ceiling)"

@@ -154,6 +154,7 @@ async def serve(opts: ServeOptions) -> None:
         max_wait_ms=opts.redis_max_wait_ms,
         on_failure=str(opts.redis_failure_mode),
         replicas_hint=opts.replicas_hint,
+        window_scale=opts.window_scale,
     )
     breaker = getattr(limiter, "breaker", None)
     if audit is not None and breaker is not None:  # the circuit opening and closing go to the audit trail

@@ -217,3 +217,24 @@ def _dechunk(raw: bytes) -> tuple[bytes, bool]:
         if len(rest) < size + 2:
             return out, False
         raw = rest[size + 2:]
+
+
+def chat_model(
+    base: str,
+    key: str,
+    model: str,
+    *,
+    max_tokens: int = 32,
+    text: str = "hello there",
+    extra_headers: dict[str, str] | None = None,
+) -> Reply:
+    """A non-streaming chat completion for `model` (`chat` asks for llama-test)."""
+    payload = {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": text}]}
+    headers = {"content-type": "application/json", "authorization": f"Bearer {key}", **(extra_headers or {})}
+    return request(base, "POST", "/v1/chat/completions", json.dumps(payload).encode(), headers)
+
+
+def fake_served(port: int) -> list[dict[str, Any]]:
+    """The requests a fake model server answered, oldest first (`GET /fake/served`)."""
+    served: list[dict[str, Any]] = request(f"http://127.0.0.1:{port}", "GET", "/fake/served").json()
+    return served

@@ -33,7 +33,7 @@ def test_compose_services_run_the_stack_commands() -> None:
         redis="redis://redis:6379/0",
         usage_log="/app/var/usage.jsonl",
     )
-    for pool in ("h100", "cheap"):
+    for pool in ("h100", "a100", "cheap"):
         assert services[f"model-{pool}"]["command"] == commands.fake_model_argv(
             pool=pool, host="0.0.0.0", port=8000
         )
@@ -46,6 +46,7 @@ def test_shipped_envoy_config_points_at_the_compose_services() -> None:
     endpoints = _endpoints()
     assert endpoints["tokenmeter_processor"] == ("processor", 50051)
     assert endpoints["h100_pool"] == ("model-h100", 8000)
+    assert endpoints["a100_pool"] == ("model-a100", 8000)
     assert endpoints["cheap_pool"] == ("model-cheap", 8000)
     for host, _ in endpoints.values():
         assert host in services

@@ -99,7 +99,8 @@ def test_rendered_loopback_config_is_valid(tmp_path: Path) -> None:
         listen_port=18080,
         admin_port=19901,
         processor=[Endpoint(uds=str(tmp_path / "tm.sock"))],
-        pools={"h100": [Endpoint("127.0.0.1", 18001)], "cheap": [Endpoint("127.0.0.1", 18002)]},
+        pools={"h100": [Endpoint("127.0.0.1", 18001)], "a100": [Endpoint("127.0.0.1", 18003)],
+               "cheap": [Endpoint("127.0.0.1", 18002)]},
         access_log_path=str(tmp_path / "access.log"),
     )
     result = _validate(write(config, tmp_path / "envoy.yaml"))
@@ -127,7 +128,8 @@ def test_the_istio_envoyfilter_carries_the_same_filters_and_they_validate(tmp_pa
     (vhost,) = [p["patch"]["value"] for p in patches if p["applyTo"] == "VIRTUAL_HOST"]
     hcm["route_config"]["virtual_hosts"][0].update(vhost)
     istio_clusters = {"outbound|50051||tokenmeter.tokenmeter.svc.cluster.local": "tokenmeter_processor",
-                      "outbound|8000||model-h100": "h100_pool", "outbound|8000||model-cheap": "cheap_pool"}
+                      "outbound|8000||model-h100": "h100_pool", "outbound|8000||model-a100": "a100_pool",
+                      "outbound|8000||model-cheap": "cheap_pool"}
     for cluster in config["static_resources"]["clusters"]:
         renamed = next(k for k, v in istio_clusters.items() if v == cluster["name"])
         cluster["name"] = cluster["load_assignment"]["cluster_name"] = renamed

@@ -20,6 +20,7 @@ from extproc.policy import (
     load_policy,
     parse_policy,
 )
+from extproc.policy.model import Share
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "policies" / "example.yaml"
 WEB = hash_key("web-raw")
@@ -108,7 +109,12 @@ def test_example_policy_attributes_each_key_and_sets_its_limits() -> None:
 
 def test_example_policy_has_tenants_pools_and_rules() -> None:
     policy = load_policy(EXAMPLE)
-    assert policy.pools == (Pool("h100", 3000, ("model-h100:8000",)), Pool("cheap", None, ("model-cheap:8000",)))
+    assert policy.pools == (
+        Pool("h100", 3000, ("model-h100:8000",),
+             shares={"acme": Share(guaranteed=1500, maximum=2700), "globex": Share(guaranteed=1000, maximum=1500)}),
+        Pool("a100", 6000, ("model-a100:8000",), models=frozenset({"llama-3.1-70b"})),
+        Pool("cheap", None, ("model-cheap:8000",)),
+    )
     assert set(policy.tenants) == {"acme", "globex", "initech", "hooli"}
     acme = policy.tenants["acme"]
     assert per_minute(acme.limits) == (200000, 1200)
