@@ -368,7 +368,7 @@ def test_policy_loaded_names_version_file_hash_and_changes_never_key_digests(tmp
     assert event.fields["version"] == "2026-11-28.1"
     assert event.fields["previous_version"] == "2026-11-27.1"
     assert event.fields["file"] == str(path) and event.fields["file_sha256"] == digest
-    assert event.fields["counts"] == {"tenants": 4, "projects": 5, "teams": 4, "keys": 6, "pools": 3}
+    assert event.fields["counts"] == {"tenants": 5, "projects": 7, "teams": 4, "keys": 6, "pools": 3}
     encoded = orjson.dumps(dict(event.fields)).decode()
     for policy in (old, new):
         for sha in policy.keys_by_sha256:
@@ -378,7 +378,7 @@ def test_policy_loaded_names_version_file_hash_and_changes_never_key_digests(tmp
 def test_the_first_load_counts_everything_as_added() -> None:
     policy = parse_policy(EXAMPLE.read_text(), str(EXAMPLE))
     changes = policy_changes(None, policy)
-    assert changes["tenants_added"] == ["acme", "globex", "hooli", "initech"]
+    assert changes["tenants_added"] == ["acme", "globex", "hooli", "initech", "umbrella"]
     assert changes["keys_added"] == [
         "acme-batch", "acme-chatbot-web", "globex-search", "hooli-prototype", "initech-research-nlp",
         "initech-support-bot"]

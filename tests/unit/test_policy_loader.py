@@ -115,7 +115,10 @@ def test_example_policy_has_tenants_pools_and_rules() -> None:
         Pool("a100", 6000, ("model-a100:8000",), models=frozenset({"llama-3.1-70b"})),
         Pool("cheap", None, ("model-cheap:8000",)),
     )
-    assert set(policy.tenants) == {"acme", "globex", "initech", "hooli"}
+    assert set(policy.tenants) == {"acme", "globex", "initech", "hooli", "umbrella"}
+    (idp,) = policy.identity.jwt  # the JWT tenant: its people sign in with their own IdP
+    assert (idp.name, idp.tenant_claim, idp.default_project) == ("umbrella-idp", "org", "research")
+    assert policy.tenants["umbrella"].time_zone == "Europe/Berlin"
     acme = policy.tenants["acme"]
     assert per_minute(acme.limits) == (200000, 1200)
     assert set(acme.projects["chatbot"].teams) == {"support"}

@@ -104,7 +104,7 @@ def test_policy_schema_prints_the_schema_or_writes_it(tmp_path: Path) -> None:
 def test_policy_check_accepts_the_example_and_names_the_line_of_a_bad_rule(tmp_path: Path) -> None:
     ok = _cli("policy", "check", str(EXAMPLE))
     assert ok.returncode == 0, ok.stderr
-    assert "OK (version 2026-11-27.1, 4 tenants, 6 keys" in ok.stdout
+    assert "OK (version 2026-11-27.1, 5 tenants, 6 keys" in ok.stdout
     text = EXAMPLE.read_text()
     old = '            - {tokens: "60%", period: month, alert_at: [90]}'
     assert text.count(old) == 1
