@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from extproc.policy.loader import PolicyError
-    from extproc.policy.model import Limits, Policy
+    from extproc.policy.model import LimitRule, Limits, Policy
 
 MAX_STRING = 256
 MAX_ITEMS = 200
@@ -201,22 +201,16 @@ def _limits_diff(old: Limits, new: Limits) -> dict[str, list[Any]]:
     return out
 
 
-_WINDOW_NAMES = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+def _rule_name(rule: LimitRule) -> str:
+    from extproc.policy.model import window_text  # (the policy package imports this module)
 
-
-def _rule_name(rule: Any) -> str:
     measure = str(rule.measure)
     if measure == "concurrent":
         name = "concurrent_requests"
     elif rule.period is not None:
         name = f"quota_{measure}_per_{rule.period}"
     else:
-        seconds = float(rule.window_s)
-        span = _WINDOW_NAMES.get(seconds)
-        if span is None:
-            span = next((f"{seconds / size:g}{unit}" for size, unit in ((86400.0, "d"), (3600.0, "h"), (60.0, "m"))
-                         if seconds % size == 0), f"{seconds:g}s")
-        name = f"{measure}_per_{span}"
+        name = f"{measure}_per_{window_text(float(rule.window_s or 0))}"
     if rule.models is not None:
         name += f"[{','.join(sorted(rule.models))}]"
     return name

@@ -84,6 +84,26 @@ def window_text(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
+# A `limits` block's shorthand keys: (key, measure, window in seconds, calendar). A calendar key
+# counts over the block's `quota_period`; a key with neither window nor calendar counts requests in flight.
+SHORTHAND: tuple[tuple[str, Measure, float | None, bool], ...] = (
+    ("tokens_per_minute", Measure.TOKENS, 60.0, False),
+    ("requests_per_minute", Measure.REQUESTS, 60.0, False),
+    ("requests_per_hour", Measure.REQUESTS, 3600.0, False),
+    ("quota_tokens", Measure.TOKENS, None, True),
+    ("quota_requests", Measure.REQUESTS, None, True),
+    ("concurrent_requests", Measure.CONCURRENT, None, False),
+)
+
+
+def shorthand_rule(
+    measure: Measure, value: int, window: float | None, period: Period | None, action: Action, alert_at: tuple[int, ...]
+) -> LimitRule:
+    """One shorthand key's rule: the block's action; its alert thresholds when it counts a calendar period."""
+    return LimitRule(measure, value, window_s=window, period=period, action=action,
+                     alert_at=alert_at if period is not None else ())
+
+
 @dataclass(frozen=True)
 class Limits:
     """Limits of one scope: its rules (none: unlimited) and the action of a rule that names none."""
@@ -109,19 +129,17 @@ class Limits:
         action: Action = Action.THROTTLE,
         alert_at: tuple[int, ...] = (),
     ) -> Limits:
-        """The policy file's shorthand keys as rules (the same mapping the loader applies)."""
-        rules: list[LimitRule] = []
-        for value, measure, window, period in (
-            (tokens_per_minute, Measure.TOKENS, 60.0, None),
-            (requests_per_minute, Measure.REQUESTS, 60.0, None),
-            (requests_per_hour, Measure.REQUESTS, 3600.0, None),
-            (quota_tokens, Measure.TOKENS, None, quota_period),
-            (quota_requests, Measure.REQUESTS, None, quota_period),
-            (concurrent_requests, Measure.CONCURRENT, None, None),
-        ):
-            if value is not None:
-                rules.append(LimitRule(measure, value, window_s=window, period=period, action=action,
-                                       alert_at=alert_at if period is not None else ()))
+        """The policy file's shorthand keys as rules (`SHORTHAND`, the mapping the loader applies)."""
+        given = {
+            "tokens_per_minute": tokens_per_minute, "requests_per_minute": requests_per_minute,
+            "requests_per_hour": requests_per_hour, "quota_tokens": quota_tokens, "quota_requests": quota_requests,
+            "concurrent_requests": concurrent_requests,
+        }
+        rules = [
+            shorthand_rule(measure, value, window, quota_period if calendar else None, action, alert_at)
+            for key, measure, window, calendar in SHORTHAND
+            if (value := given[key]) is not None
+        ]
         return cls(rules=tuple(rules), action=action)
 
 

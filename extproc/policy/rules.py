@@ -10,11 +10,8 @@ from extproc.limiter.types import Measure
 from extproc.policy.errors import PolicyError
 from extproc.policy.fields import percent_of
 from extproc.policy.lines import Lines, Path, where
-from extproc.policy.model import LimitRule, Limits, Period
+from extproc.policy.model import SHORTHAND, LimitRule, Limits, Period, shorthand_rule
 from extproc.policy.schema import LimitsDoc, RuleDoc
-
-MINUTE_S = 60.0
-HOUR_S = 3600.0
 
 # rule identity within a block: two rules alike in all of these are ambiguous
 RuleKey = tuple[Measure, float | None, Period | None, frozenset[str] | None]
@@ -76,24 +73,12 @@ class LimitsBuilder:
 
     def _shorthand(self, doc: LimitsDoc, path: Path) -> list[_Written]:
         alerts = doc.alert_at or ()
-        out: list[_Written] = []
-        for key, measure, window, period in (
-            ("tokens_per_minute", Measure.TOKENS, MINUTE_S, None),
-            ("requests_per_minute", Measure.REQUESTS, MINUTE_S, None),
-            ("requests_per_hour", Measure.REQUESTS, HOUR_S, None),
-            ("quota_tokens", Measure.TOKENS, None, doc.quota_period),
-            ("quota_requests", Measure.REQUESTS, None, doc.quota_period),
-            ("concurrent_requests", Measure.CONCURRENT, None, None),
-        ):
-            value = getattr(doc, key)
-            if value is None:
-                continue
-            rule = LimitRule(
-                measure, value, window_s=window, period=period, action=doc.action,
-                alert_at=alerts if period is not None else (),
-            )
-            out.append(_Written(rule, None, (*path, key)))
-        return out
+        return [
+            _Written(shorthand_rule(measure, value, window, doc.quota_period if calendar else None, doc.action,
+                                    alerts), None, (*path, key))
+            for key, measure, window, calendar in SHORTHAND
+            if (value := getattr(doc, key)) is not None
+        ]
 
     def _rules(self, doc: LimitsDoc, path: Path) -> list[_Written]:
         out: list[_Written] = []

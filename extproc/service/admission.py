@@ -17,7 +17,7 @@ class ScopePath:
     scopes for one canonical model name, computed once per model.
     """
 
-    __slots__ = ("_by_model", "actions", "levels", "mode")
+    __slots__ = ("_by_model", "_named", "actions", "levels", "mode")
 
     def __init__(self, levels: tuple[tuple[str, tuple[LimitRule, ...], Calendars], ...], actions: dict[str, Action],
                  mode: Mode) -> None:
@@ -25,6 +25,8 @@ class ScopePath:
         self.actions = actions  # scope name -> the action of a rule that names none
         self.mode = mode  # the key's tenant's mode, else the policy's: shadow never refuses
         self._by_model: dict[str, tuple[tuple[ScopeLimit, ...], dict[str, tuple[LimitRule, ...]]]] = {}
+        # the models some rule is narrowed to: any other model (a client's choice) is narrowed alike
+        self._named = frozenset(m for _, rules, _ in levels for r in rules if r.models is not None for m in r.models)
 
     def for_model(self, model: str) -> tuple[ScopeLimit, ...]:
         return self._narrowed(model)[0]
@@ -37,7 +39,10 @@ class ScopePath:
         return rules[index]
 
     def action(self, model: str, scope: str, index: int | None) -> Action:
-        rule = self.rule(model, scope, index)
+        return self._action(self.rule(model, scope, index), scope)
+
+    def _action(self, rule: LimitRule | None, scope: str) -> Action:
+        """A rule's action; without one, the action of the scope's block."""
         return rule.action if rule is not None else self.actions.get(scope, Action.THROTTLE)
 
     def strictest(
@@ -48,12 +53,14 @@ class ScopePath:
         best: tuple[str, LimitRule | None, Action] | None = None
         for scope, index, _ in over:
             rule = self.rule(model, scope, index)
-            action = rule.action if rule is not None else self.actions.get(scope, Action.THROTTLE)
+            action = self._action(rule, scope)
             if _STRICTNESS[action] > (_STRICTNESS[best[2]] if best is not None else 0):
                 best = (scope, rule, action)
         return best
 
     def _narrowed(self, model: str) -> tuple[tuple[ScopeLimit, ...], dict[str, tuple[LimitRule, ...]]]:
+        if model not in self._named:
+            model = OTHER_MODEL  # cached once, whatever the name
         out = self._by_model.get(model)
         if out is None:
             enforce = self.mode is Mode.ENFORCE
@@ -64,10 +71,13 @@ class ScopePath:
                 if mine:
                     scopes.append(ScopeLimit(name, tuple(_rule(r, calendars) for r in mine), enforce))
                     behind[name] = mine
-            if len(self._by_model) >= 1024:  # model names come from the policy; bounded anyway
-                self._by_model.clear()
             out = self._by_model[model] = (tuple(scopes), behind)
         return out
+
+
+# Stands for every model no rule (or pool) names: they are all narrowed, and routed, alike. Not a
+# model name a policy can list (the NUL), so a client's name is never cached as a key.
+OTHER_MODEL = "\x00other"
 
 
 @dataclass(frozen=True, slots=True)

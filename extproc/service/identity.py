@@ -142,35 +142,61 @@ def verified_claims(metadata: Mapping[str, Struct], policy: Policy) -> tuple[Jwt
 def identify_jwt(provider: JwtProvider, claims: Struct, policy: Policy) -> ApiKey | ClaimRefusal:
     """The principal of a verified token: its tenant (and project, team) from the provider's claims."""
     sub = _claim(claims, "sub") or ""
-    key_id = jwt_key_id(provider.name, sub)
     tenant_name = _claim(claims, provider.tenant_claim)
+    project_name = _claim(claims, provider.project_claim) if provider.project_claim else None
+    project_from = f"token's '{provider.project_claim}' claim"
+    if project_name is None:
+        project_name = provider.default_project
+        if provider.project_claim is None:
+            project_from = "token's provider's default_project"
+    said = _Said(
+        key_id=jwt_key_id(provider.name, sub), missing="missing_claim",
+        no_tenant=f"The token has no '{provider.tenant_claim}' claim naming a tenant.",
+        no_project=f"The token has no '{provider.project_claim}' claim naming a project.",
+        tenant_from=f"token's '{provider.tenant_claim}' claim", project_from=project_from,
+        team_from=f"token's '{provider.team_claim}' claim",
+    )
+    team = _claim(claims, provider.team_claim) if provider.team_claim else None
+    return _placed(said, tenant_name, project_name, team, provider.subjects.get(sub, _NO_LIMITS), policy)
+
+
+@dataclass(frozen=True, slots=True)
+class _Said:
+    """Who asserted a principal's place (a token's claims, an authenticator's headers), as its
+    refusals name it: `*_from` completes "The ... names no tenant/project/team"."""
+
+    key_id: str
+    missing: str  # the code of a refusal for a name not given
+    no_tenant: str
+    no_project: str
+    tenant_from: str
+    project_from: str
+    team_from: str
+
+
+def _placed(
+    said: _Said, tenant_name: str | None, project_name: str | None, team: str | None, limits: Limits, policy: Policy
+) -> ApiKey | ClaimRefusal:
+    """The principal at tenant/project (/team) when the policy knows each, else why not."""
     if tenant_name is None:
-        return ClaimRefusal(
-            f"The token has no '{provider.tenant_claim}' claim naming a tenant.", "missing_claim", key_id)
+        return ClaimRefusal(said.no_tenant, said.missing, said.key_id)
     tenant = policy.tenants.get(tenant_name)
     if tenant is None:
         return ClaimRefusal(
-            f"The token's '{provider.tenant_claim}' claim names no tenant of this gateway: '{_shown(tenant_name)}'.",
-            "unknown_tenant", key_id)
-    project_name = _claim(claims, provider.project_claim) if provider.project_claim else None
+            f"The {said.tenant_from} names no tenant of this gateway: '{_shown(tenant_name)}'.", "unknown_tenant",
+            said.key_id)
     if project_name is None:
-        project_name = provider.default_project
-    if project_name is None:
-        return ClaimRefusal(
-            f"The token has no '{provider.project_claim}' claim naming a project.", "missing_claim", key_id)
+        return ClaimRefusal(said.no_project, said.missing, said.key_id)
     project = tenant.projects.get(project_name)
     if project is None:
-        what = f"'{provider.project_claim}' claim" if provider.project_claim else "provider's default_project"
         return ClaimRefusal(
-            f"The token's {what} names no project of tenant '{tenant.name}': '{_shown(project_name)}'.",
-            "unknown_project", key_id)
-    team = _claim(claims, provider.team_claim) if provider.team_claim else None
+            f"The {said.project_from} names no project of tenant '{tenant.name}': '{_shown(project_name)}'.",
+            "unknown_project", said.key_id)
     if team is not None and team not in project.teams:
         return ClaimRefusal(
-            f"The token's '{provider.team_claim}' claim names no team of project '{tenant.name}.{project.name}': "
-            f"'{_shown(team)}'.", "unknown_team", key_id)
-    limits = provider.subjects.get(sub, _NO_LIMITS)
-    return ApiKey(key_id=key_id, sha256="", tenant=tenant.name, project=project.name, team=team, limits=limits)
+            f"The {said.team_from} names no team of project '{tenant.name}.{project.name}': '{_shown(team)}'.",
+            "unknown_team", said.key_id)
+    return ApiKey(key_id=said.key_id, sha256="", tenant=tenant.name, project=project.name, team=team, limits=limits)
 
 
 _NO_LIMITS = Limits()
@@ -220,33 +246,19 @@ def identify_trusted(headers: Mapping[str, str], trusted: TrustedHeaders, policy
             return ClaimRefusal(
                 f"The authenticator's '{name}' header is longer than {_HEADER_MAX} characters.", "invalid_header",
                 key_id)
-    if tenant_name is None:
-        return ClaimRefusal(
-            f"The authenticator's '{trusted.tenant_header}' header names no tenant.", "missing_header", key_id)
-    tenant = policy.tenants.get(tenant_name)
-    if tenant is None:
-        return ClaimRefusal(
-            f"The authenticator's '{trusted.tenant_header}' header names no tenant of this gateway: "
-            f"'{_shown(tenant_name)}'.", "unknown_tenant", key_id)
     project_name = _header(headers, trusted.project_header)
-    what = f"authenticator's '{trusted.project_header}' header"
+    project_from = f"authenticator's '{trusted.project_header}' header"
     if project_name is None:
-        project_name, what = trusted.default_project, f"'{trusted.name}' default_project"
-    if project_name is None:
-        return ClaimRefusal(
-            f"The authenticator's '{trusted.project_header}' header names no project.", "missing_header", key_id)
-    project = tenant.projects.get(project_name)
-    if project is None:
-        return ClaimRefusal(
-            f"The {what} names no project of tenant '{tenant.name}': '{_shown(project_name)}'.",
-            "unknown_project", key_id)
-    team = _header(headers, trusted.team_header)
-    if team is not None and team not in project.teams:
-        return ClaimRefusal(
-            f"The authenticator's '{trusted.team_header}' header names no team of project "
-            f"'{tenant.name}.{project.name}': '{_shown(team)}'.", "unknown_team", key_id)
+        project_name, project_from = trusted.default_project, f"'{trusted.name}' default_project"
+    said = _Said(
+        key_id=key_id, missing="missing_header",
+        no_tenant=f"The authenticator's '{trusted.tenant_header}' header names no tenant.",
+        no_project=f"The authenticator's '{trusted.project_header}' header names no project.",
+        tenant_from=f"authenticator's '{trusted.tenant_header}' header", project_from=project_from,
+        team_from=f"authenticator's '{trusted.team_header}' header",
+    )
     limits = trusted.subjects.get(subject, _NO_LIMITS) if subject is not None else _NO_LIMITS
-    return ApiKey(key_id=key_id, sha256="", tenant=tenant.name, project=project.name, team=team, limits=limits)
+    return _placed(said, tenant_name, project_name, _header(headers, trusted.team_header), limits, policy)
 
 
 _HEADER_MAX = 1024  # a longer asserted value is refused (no name of a policy comes close)

@@ -20,7 +20,6 @@ import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from enum import Enum, auto
 from typing import Protocol
 
@@ -39,6 +38,7 @@ from extproc.policy.model import Action, ApiKey, JwtProvider, LimitRule, Mode, O
 from extproc.records.record import API_LABELS, Limit, RecordSink, UsageRecord, bounded
 from extproc.service import responses as R
 from extproc.service.admission import (
+    OTHER_MODEL,
     ScopePath,
     output_limit,
     pool_ceilings,
@@ -70,7 +70,7 @@ from extproc.service.metadata import (
     attribute_header,
 )
 from extproc.service.meter_stream import MeterStream
-from extproc.service.ratelimit_headers import ratelimit_headers, ratelimit_metadata, retry_after
+from extproc.service.ratelimit_headers import period_end, ratelimit_headers, ratelimit_metadata, retry_after
 from extproc.service.seal import Seal
 from extproc.service.telemetry import Telemetry
 from extproc.settlement.admitted import Admitted
@@ -125,7 +125,9 @@ class Context:
         # derived from the live policy once per key, not per request (dropped when it reloads)
         self._derived_for: Policy | None = None
         self._scopes: dict[str, ScopePath] = {}
+        # by (model, tenant, project): each from the policy (OTHER_MODEL for a model no pool names)
         self._pools_by_model: dict[tuple[str, str, str], tuple[PoolCeiling, ...]] = {}
+        self._pool_models: frozenset[str] = frozenset()
         self._counted: frozenset[str] = frozenset()
 
     @property
@@ -134,8 +136,8 @@ class Context:
 
     def _derived(self, policy: Policy) -> None:
         if policy is not self._derived_for:
-            self._derived_for, self._scopes = policy, {}
-            self._pools_by_model = {}
+            self._derived_for, self._scopes, self._pools_by_model = policy, {}, {}
+            self._pool_models = frozenset(m for p in policy.pools if p.models is not None for m in p.models)
             self._counted = frozenset(p.name for p in policy.pools if not p.reports_usage)
             self.telemetry.models = policy.models
 
@@ -151,11 +153,11 @@ class Context:
         """The pools that serve `model` ("": every pool), in preference order, with the caller's share."""
         self._derived(policy)
         tenant, project = (key.tenant, key.project) if key is not None else ("", "")
+        if model and model not in self._pool_models:
+            model = OTHER_MODEL  # a name no pool lists (a client's choice): served by the pools for every model
         ck = (model, tenant, project)
         found = self._pools_by_model.get(ck)
         if found is None:
-            if len(self._pools_by_model) >= 65536:
-                self._pools_by_model.clear()
             found = self._pools_by_model[ck] = pool_ceilings(policy, model, tenant, project)
         return found
 
@@ -520,7 +522,7 @@ class StreamProcessor:
                 continue  # over in shadow mode: recorded (decided_by), not an alert of the policy
             sink.emit(AlertEvent(kind=AlertKind.OVER_LIMIT, scope=scope, limit=rule.describe, limit_value=rule.limit,
                                  used=used, tenant=tenant, request_id=rid, policy_version=version),
-                      dedupe_key=f"{s.key.tenant}|{scope}|{index}|{rule.limit}", dedupe_s=60.0)
+                      dedupe_key=f"{tenant}|{scope}|{index}|{rule.limit}", dedupe_s=60.0)
 
     def _audit(self, kind: EnforcementKind, scope: str | None, limit_kind: str | None) -> None:
         audit, s = self.ctx.audit, self.s
@@ -674,7 +676,6 @@ def _denial_text(decision: LimiterDecision, rule: LimitRule | None) -> str:
 def _until(decision: LimiterDecision, rule: LimitRule | None) -> str:
     """When a blocked caller may come back: the end of the billing period, or of the window."""
     if rule is not None and rule.period is not None:
-        ends = datetime.fromtimestamp(time.time() + decision.retry_after_seconds, UTC).replace(microsecond=0)
-        stamp = ends.isoformat().replace("+00:00", "Z")
-        return f"until the billing period ends at {stamp}, or an operator lifts the block"
+        ends = period_end(decision.retry_after_seconds, time.time())
+        return f"until the billing period ends at {ends}, or an operator lifts the block"
     return f"for {retry_after(decision)}s, or until an operator lifts the block"

@@ -42,12 +42,17 @@ def _trio(kind: str, status: WindowStatus | None) -> list[tuple[str, str]]:
     ]
 
 
+def period_end(reset_seconds: float, now: float) -> str:
+    """When a billing period ends, `reset_seconds` after `now`: RFC 3339 in UTC, whole seconds."""
+    ends = datetime.fromtimestamp(now + reset_seconds, UTC).replace(microsecond=0)
+    return ends.isoformat().replace("+00:00", "Z")
+
+
 def _quota(status: WindowStatus | None, now: float) -> list[tuple[str, str]]:
     if status is None:
         return []
-    ends = datetime.fromtimestamp(now + status.reset_seconds, UTC).replace(microsecond=0)
     return list(zip(QUOTA_HEADERS, (str(status.limit), str(max(0, status.remaining)),
-                                    ends.isoformat().replace("+00:00", "Z")), strict=True))
+                                    period_end(status.reset_seconds, now)), strict=True))
 
 
 def ratelimit_headers(decision: Decision, now: float | None = None) -> list[tuple[str, str]]:

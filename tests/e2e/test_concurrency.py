@@ -38,7 +38,7 @@ def test_concurrent_burst_stays_within_the_limit_and_settles_to_reported_usage(t
             for port in s.pool_ports.values()
             for k in ("prompt_tokens", "completion_tokens")
         )
-        metered = sum(int(r["prompt_tokens"]) + int(r["completion_tokens"]) for r in admitted)  # type: ignore[call-overload]
+        metered = sum(int(r["prompt_tokens"]) + int(r["completion_tokens"]) for r in admitted)
         assert metered == reported
         # Each admission saw every earlier request at its reservation or, once settled, at its real
         # (smaller) count, so the window never held more than the limit; refunds made room for more.
@@ -49,4 +49,4 @@ def test_concurrent_burst_stays_within_the_limit_and_settles_to_reported_usage(t
         assert probe.status == 200
         probe_rec = wait_record(s.usage_log, probe.headers["x-tokenmeter-request-id"])
         remaining = int(probe.headers["x-ratelimit-remaining-tokens"])
-        assert remaining == LIMIT - reported - int(probe_rec["reserved_tokens"])  # type: ignore[call-overload]
+        assert remaining == LIMIT - reported - int(probe_rec["reserved_tokens"])

@@ -17,6 +17,7 @@ from extproc.devstack.envoy_config import ISTIO_CONFIG, REPO_ROOT, SHIPPED_CONFI
 from extproc.envoy.config import AUTHORIZER_CLUSTER, Endpoint, pool_cluster, write
 from extproc.service.metadata import ATTRIBUTE_HEADERS
 from tests.e2e.test_jwt_identity import JWKS
+from tests.unit.policy_files import trusted_headers_section
 
 THREE_POOLS = """\
 version: "three"
@@ -166,19 +167,7 @@ def test_the_response_meter_is_rendered_only_for_a_pool_that_reports_no_usage(tm
 
 # -- identity: trusted headers (ext_authz), alone and with JWT issuers ------------------------
 
-_IDENTITY = """
-identity:
-  trusted_headers:
-    name: corp-sso
-    authorizer: "{authorizer}"
-    tenant_header: x-auth-tenant
-    project_header: x-auth-project
-    default_project: chat
-    team_header: x-auth-team
-    subject_header: x-auth-user
-    subjects:
-      - {{sub: alice, limits: {{tokens_per_minute: 1000}}}}
-"""
+_SUBJECTS = "      - {sub: alice, limits: {tokens_per_minute: 1000}}\n"
 _JWT = """
   jwt:
     - name: corp
@@ -191,7 +180,8 @@ _JWT = """
 
 def _identity_policy(tmp_path: Path, *, jwt: bool, authorizer: str) -> Path:
     """The example policy (acme/chat and its pools) with `identity.trusted_headers` (and a JWT issuer)."""
-    text = THREE_POOLS + _IDENTITY.format(authorizer=authorizer) + (_JWT.format(jwks=json.dumps(JWKS)) if jwt else "")
+    text = THREE_POOLS + trusted_headers_section(authorizer, _SUBJECTS)
+    text += _JWT.format(jwks=json.dumps(JWKS)) if jwt else ""
     path = tmp_path / "identity.yaml"
     path.write_text(text)
     return path

@@ -119,7 +119,7 @@ def test_stream_cut_before_usage_stays_charged_at_the_estimate(each_config_stack
     assert recs, usage_records(own_stack.usage_log)
     rec = recs[0]
     assert rec["usage_source"] == "estimated"
-    assert rec["prompt_tokens"] + rec["completion_tokens"] == rec["reserved_tokens"]  # type: ignore[operator]
+    assert rec["prompt_tokens"] + rec["completion_tokens"] == rec["reserved_tokens"]
 
 
 def test_settlement_replaces_the_reservation_with_what_was_used(own_stack: Stack) -> None:
@@ -132,9 +132,9 @@ def test_settlement_replaces_the_reservation_with_what_was_used(own_stack: Stack
     time.sleep(0.2)  # settlement is applied off the request path
     second = chat(own_stack.base_url, BASIC, max_tokens=None)
     rec2 = wait_record(own_stack.usage_log, second.headers["x-tokenmeter-request-id"])
-    used_before = 1_000_000 - int(second.headers["x-ratelimit-remaining-tokens"]) - int(rec2["reserved_tokens"])  # type: ignore[call-overload]
+    used_before = 1_000_000 - int(second.headers["x-ratelimit-remaining-tokens"]) - int(rec2["reserved_tokens"])
     # the failed request was refunded whole; the first is charged what it used, not its estimate
-    assert used_before == rec1["prompt_tokens"] + rec1["completion_tokens"]  # type: ignore[operator]
+    assert used_before == rec1["prompt_tokens"] + rec1["completion_tokens"]
 
 
 def test_envoy_reaches_the_processor_over_a_unix_socket(tmp_path: Path) -> None:

@@ -17,22 +17,11 @@ from extproc.devstack import commands
 from extproc.devstack.ports import free_port, wait_for_port
 from extproc.devstack.stack import Stack, StackOptions
 from tests.e2e.client import chat, request, wait_record
+from tests.unit.policy_files import trusted_headers_section
 
 E2E_POLICY = Path(__file__).parent / "policy.yaml"
 
-IDENTITY = """
-identity:
-  trusted_headers:
-    name: corp-sso
-    authorizer: "127.0.0.1:{port}"
-    tenant_header: x-auth-tenant
-    project_header: x-auth-project
-    default_project: chat
-    team_header: x-auth-team
-    subject_header: x-auth-user
-    subjects:
-      - {{sub: limited-user, limits: {{requests_per_minute: 1}}}}
-"""
+SUBJECTS = "      - {sub: limited-user, limits: {requests_per_minute: 1}}\n"
 
 TABLE = {"tokens": {
     "tok-alice": {"x-auth-tenant": "acme", "x-auth-project": "chat", "x-auth-team": "web", "x-auth-user": "alice"},
@@ -48,7 +37,7 @@ def authz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subp
     run = tmp_path_factory.mktemp("trusted")
     port = free_port()
     policy = run / "policy.yaml"
-    policy.write_text(E2E_POLICY.read_text() + IDENTITY.format(port=port))
+    policy.write_text(E2E_POLICY.read_text() + trusted_headers_section(f"127.0.0.1:{port}", SUBJECTS))
     table = run / "table.yaml"
     table.write_text(json.dumps(TABLE))
     argv = commands.fake_authz_argv(table=str(table), host="127.0.0.1", port=port, policy=str(policy))

@@ -33,3 +33,22 @@ def write_edit(path: Path, text: str) -> None:
     path.write_text(text)
     mtime = max(path.stat().st_mtime_ns, before + 1_000_000_000)
     os.utime(path, ns=(mtime, mtime))
+
+
+def trusted_headers_section(authorizer: str, subjects: str) -> str:
+    """An `identity.trusted_headers` section for the policy text it is appended to: the authenticator
+    "corp-sso" at `authorizer` asserts the tenant, project (else "chat"), team and subject headers
+    (x-auth-tenant, x-auth-project, x-auth-team, x-auth-user). `subjects`: the YAML of its `subjects`
+    list, each line indented by six spaces."""
+    return f"""
+identity:
+  trusted_headers:
+    name: corp-sso
+    authorizer: "{authorizer}"
+    tenant_header: x-auth-tenant
+    project_header: x-auth-project
+    default_project: chat
+    team_header: x-auth-team
+    subject_header: x-auth-user
+    subjects:
+{subjects}"""

@@ -112,3 +112,30 @@ def test_a_tenant_in_shadow_mode_never_enforces_while_the_policy_does() -> None:
     shadow, enforced = scope_path(globex, policy), scope_path(acme, policy)
     assert shadow.mode is Mode.SHADOW and not any(s.enforce for s in shadow.for_model(""))
     assert enforced.mode is Mode.ENFORCE and any(s.enforce for s in enforced.for_model(""))
+
+
+def test_models_no_rule_or_pool_names_are_narrowed_and_routed_alike_and_cached_once() -> None:
+    """A client chooses the model name: however many it sends, the caches hold the policy's names."""
+    import dataclasses
+
+    from extproc.limiter.types import Measure
+    from extproc.policy.model import LimitRule
+    from extproc.service.processor import Context, FixedPolicy
+    from tests.unit.recorders import ListSink
+    from tests.unit.test_native_admission_and_settlement import RecordingLimiter
+
+    base = _policy()
+    big_only = LimitRule(Measure.REQUESTS, 1, window_s=60.0, models=frozenset({"big"}))
+    acme = base.tenants["acme"]
+    tenant = dataclasses.replace(acme, limits=Limits(rules=(*acme.limits.rules, big_only)))
+    policy = dataclasses.replace(base, tenants={"acme": tenant},
+                                 pools=(Pool("h100", 10, models=frozenset({"big"})), Pool("cheap")))
+    key = next(iter(policy.keys_by_sha256.values()))
+    path = scope_path(key, policy)
+    ctx = Context(FixedPolicy(policy), RecordingLimiter(), ListSink())
+    other = (path.for_model("x" * 10_000), ctx.pools(policy, "x" * 10_000, key))
+    for n in range(2000):
+        assert (path.for_model(f"m{n}" * 100), ctx.pools(policy, f"m{n}" * 100, key)) == other
+    assert [p.name for p in other[1]] == ["cheap"]
+    assert len(path.for_model("big")[0].rules) == 2 and len(other[0][0].rules) == 1
+    assert len(path._by_model) == 2 and len(ctx._pools_by_model) == 1  # ("big" and) any other name

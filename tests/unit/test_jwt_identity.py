@@ -15,7 +15,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc.envoy.config import render, render_istio
 from extproc.policy import PolicyError, load_policy, parse_policy
-from extproc.policy.model import Limits
+from extproc.policy.model import ApiKey, Limits
 from extproc.service.identity import (
     JWT_NAMESPACE,
     ClaimRefusal,
@@ -203,7 +203,7 @@ def test_a_bearer_jwt_is_never_looked_up_as_a_key_where_the_policy_has_issuers()
     assert identify({"authorization": f"Bearer {JWT}"}, with_jwt) is None
     assert identify({"x-api-key": JWT}, with_jwt) is None
     key = identify({"authorization": "Bearer e2e-basic-key"}, with_jwt)
-    assert key is not None and not isinstance(key, ClaimRefusal) and key.key_id == "e2e-basic"
+    assert isinstance(key, ApiKey) and key.key_id == "e2e-basic"
 
 
 def _verified(req: pb.ProcessingRequest, **claims: Any) -> pb.ProcessingRequest:

@@ -309,7 +309,7 @@ async def test_a_lone_processor_leaves_what_is_still_open_at_the_end_of_its_grac
     ctx, limiter, sink = _context()
     admission = await StreamProcessor(ctx).handle(body_only({**CHAT, "stream": True}))
     server = _StoppedServer()
-    await _drain(server, ExternalProcessor(ctx), 0.2, replicas=1)  # type: ignore[arg-type]
+    await _drain(server, ExternalProcessor(ctx), 0.2, replicas=1)
     assert server.stops and limiter.settled == [] and sink.records == []
     restarted, limiter2, sink2 = _context()  # the next processor gets the entry, and ends it once
     assert settle_entry(restarted, access_log_entry(admission, usage={"prompt_tokens": 3, "completion_tokens": 4}))
@@ -325,7 +325,7 @@ async def test_one_of_several_replicas_does_not_wait_for_entries_that_may_go_els
     ctx, limiter, sink = _context()
     await StreamProcessor(ctx).handle(body_only(CHAT))
     started = time.monotonic()
-    await _drain(_StoppedServer(), ExternalProcessor(ctx), 5.0, replicas=2)  # type: ignore[arg-type]
+    await _drain(_StoppedServer(), ExternalProcessor(ctx), 5.0, replicas=2)
     assert time.monotonic() - started < 1.0 + HEALTH_NOTICE_S  # its health notice, not its grace
     assert limiter.settled == [] and sink.records == []  # another replica's access log settles it
 

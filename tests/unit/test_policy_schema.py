@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +146,9 @@ def _check(root: dict[str, Any], value: Any, schema: dict[str, Any] | None = Non
             return [*out, f"{at}: not {kind}"]
     if "enum" in schema and value not in schema["enum"]:
         out.append(f"{at}: not one of {schema['enum']}")
-    for key, test in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b),
-                      ("exclusiveMinimum", lambda v, b: v > b)):
+    bounds: tuple[tuple[str, Callable[[float, float], bool]], ...] = (
+        ("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b), ("exclusiveMinimum", lambda v, b: v > b))
+    for key, test in bounds:
         if key in schema and isinstance(value, int | float) and not test(value, schema[key]):
             out.append(f"{at}: {key} {schema[key]}")
     if isinstance(value, str):

@@ -8,28 +8,19 @@ import pytest
 
 from extproc.policy import Limits, PolicyError, parse_policy
 from extproc.policy.model import TrustedHeaders
+from tests.unit.policy_files import trusted_headers_section
 
 E2E_POLICY = Path(__file__).parents[1] / "e2e" / "policy.yaml"
 MARK = "#<"
 
-SECTION = """\
-identity:
-  trusted_headers:
-    name: corp-sso
-    authorizer: "authz.internal:9000"
-    tenant_header: x-auth-tenant
-    project_header: x-auth-project
-    default_project: chat
-    team_header: x-auth-team
-    subject_header: x-auth-user
-    subjects:
+SECTION = trusted_headers_section("authz.internal:9000", """\
       - sub: alice
         limits: {requests_per_minute: 7}
       - sub: bob
         limits:
           rules:
             - {output_tokens: 5000, window: 1h}
-"""
+""")
 
 
 def _policy(section: str = SECTION) -> str:
