@@ -37,6 +37,18 @@ from extproc.limiter.types import (
 )
 
 
+def counted(measure: Measure, inp: int, out: int, requests: int) -> int:
+    """What ``measure`` counts of ``inp`` input tokens, ``out`` output tokens and ``requests`` requests
+    (one request's cost, a window's or a period's total). Not for ``Measure.CONCURRENT``."""
+    if measure is Measure.TOKENS:
+        return inp + out
+    if measure is Measure.INPUT_TOKENS:
+        return inp
+    if measure is Measure.OUTPUT_TOKENS:
+        return out
+    return requests
+
+
 class _Entry:
     __slots__ = ("alive", "inp", "out", "t")
 
@@ -45,15 +57,6 @@ class _Entry:
         self.inp = inp
         self.out = out
         self.alive = True
-
-    def cost(self, measure: Measure) -> int:
-        if measure is Measure.TOKENS:
-            return self.inp + self.out
-        if measure is Measure.INPUT_TOKENS:
-            return self.inp
-        if measure is Measure.OUTPUT_TOKENS:
-            return self.out
-        return 1
 
 
 class _Log:
@@ -78,15 +81,6 @@ class _Log:
         if not entries:
             self.tin = self.tout = 0
 
-    def used(self, measure: Measure) -> int:
-        if measure is Measure.TOKENS:
-            return self.tin + self.tout
-        if measure is Measure.INPUT_TOKENS:
-            return self.tin
-        if measure is Measure.OUTPUT_TOKENS:
-            return self.tout
-        return len(self.entries)
-
     def add(self, now: float, inp: int, out: int) -> _Entry:
         e = _Entry(now, inp, out)
         self.entries.append(e)
@@ -104,10 +98,10 @@ class _Log:
         """Seconds until enough of the oldest entries expire for ``cost`` more to fit."""
         if measure is Measure.REQUESTS:
             return self.entries[len(self.entries) - limit].t + self.width - now
-        need = self.used(measure) + cost - limit
+        need = counted(measure, self.tin, self.tout, len(self.entries)) + cost - limit
         freed = 0
         for e in self.entries:
-            freed += e.cost(measure)
+            freed += counted(measure, e.inp, e.out, 1)
             if freed >= need:
                 return e.t + self.width - now
         return self.width
@@ -124,15 +118,6 @@ class _Period:
     out: int = 0
     requests: int = 0
     marks: set[str] = field(default_factory=set)
-
-    def used(self, measure: Measure) -> int:
-        if measure is Measure.TOKENS:
-            return self.inp + self.out
-        if measure is Measure.INPUT_TOKENS:
-            return self.inp
-        if measure is Measure.OUTPUT_TOKENS:
-            return self.out
-        return self.requests
 
 
 @dataclass(slots=True)
@@ -154,16 +139,6 @@ def _divided(limit: int | None, divisor: int) -> int | None:
     if limit is None or divisor == 1:
         return limit
     return math.ceil(limit / divisor)
-
-
-def cost_of(measure: Measure, inp: int, out: int) -> int:
-    if measure is Measure.TOKENS:
-        return inp + out
-    if measure is Measure.INPUT_TOKENS:
-        return inp
-    if measure is Measure.OUTPUT_TOKENS:
-        return out
-    return 1
 
 
 def _counter_order(rules: tuple[Rule, ...]) -> list[tuple[int, Rule]]:
@@ -314,7 +289,7 @@ class InMemoryLimiter:
             for idx, rule in _counter_order(s.rules):
                 lim = _divided(rule.limit, div)
                 assert lim is not None
-                cost = cost_of(rule.measure, inp, out)
+                cost = counted(rule.measure, inp, out, 1)
                 ckey = (r.tenant, s.scope, rule.counter)
                 enforced = s.enforced(rule)
                 wait: float | None = None
@@ -336,7 +311,7 @@ class InMemoryLimiter:
                     if log is None:
                         log = logs[ckey] = self._log(ckey, rule.window_s * self._scale)
                         log.evict(now)
-                    used = log.used(rule.measure)
+                    used = counted(rule.measure, log.tin, log.tout, len(log.entries))
                     if cost > lim or lim < 1:
                         large = True
                     elif used + cost > lim:
@@ -350,7 +325,7 @@ class InMemoryLimiter:
                     period = periods.get(ckey)
                     if period is None:
                         period = periods[ckey] = self._period(ckey, start, end)
-                    used = period.used(rule.measure)
+                    used = counted(rule.measure, period.inp, period.out, period.requests)
                     if cost > lim or lim < 1:
                         large = True
                     elif used + cost > lim:
@@ -393,7 +368,8 @@ class InMemoryLimiter:
                 assert lim is not None
                 if 100 in rule.alert_at and mark(rule, 100) not in period.marks:
                     period.marks.add(mark(rule, 100))
-                    crossed = (Threshold(s.scope, idx, 100, period.used(rule.measure), lim, period.end),)
+                    used = counted(rule.measure, period.inp, period.out, period.requests)
+                    crossed = (Threshold(s.scope, idx, 100, used, lim, period.end),)
             return denied(deny[0], deny[1], deny[2], deny[3], crossed)
 
         # Phase 2: the first pool in preference order with room for the request.
@@ -434,7 +410,7 @@ class InMemoryLimiter:
         self._reservations[rkey] = res
         thresholds: list[Threshold] = []
         for s, idx, rule, period, lim in watch:
-            used = period.used(rule.measure)
+            used = counted(rule.measure, period.inp, period.out, period.requests)
             for pct in rule.alert_at:
                 if used * 100 >= pct * lim and mark(rule, pct) not in period.marks:
                     period.marks.add(mark(rule, pct))
@@ -467,24 +443,25 @@ class InMemoryLimiter:
         assert low is not None
         pool = self._pool_log(p.name)
         pool.evict(now)
-        used = pool.used(Measure.TOKENS)
+        used = pool.tin + pool.tout
         mine: _Log | None = None
         maximum = ceiling
         if p.owner:
-            mine = self._pool_log(f"{p.name}\x00o\x00{p.owner}")
+            mine = self._pool_log(_owner_log(p.name, p.owner))
             mine.evict(now)
-            maximum = min(ceiling, _divided(p.maximum, div) or ceiling)
+            if p.maximum is not None:  # (0 is a cap too: the owner may take nothing)
+                maximum = min(ceiling, _divided(p.maximum, div) or 0)
         if total > maximum:
             return -1.0
-        if mine is not None and mine.used(Measure.TOKENS) + total > maximum:
+        if mine is not None and mine.tin + mine.tout + total > maximum:
             return mine.wait(now, Measure.TOKENS, total, maximum)  # its own cap: wait for its tokens to leave
-        within = mine is not None and mine.used(Measure.TOKENS) + total <= (_divided(p.guaranteed, div) or 0)
+        within = mine is not None and mine.tin + mine.tout + total <= (_divided(p.guaranteed, div) or 0)
         held = 0  # the unused guarantees of the other owners who are active: not lent to a borrower
         if not within:
             for owner, guaranteed in p.others:
-                theirs = self._pool_log(f"{p.name}\x00o\x00{owner}")
+                theirs = self._pool_log(_owner_log(p.name, owner))
                 theirs.evict(now)
-                their_used = theirs.used(Measure.TOKENS)
+                their_used = theirs.tin + theirs.tout
                 if their_used > 0 or self._demand.get((p.name, owner), -math.inf) > now:
                     held += max(0, (_divided(guaranteed, div) or 0) - their_used)
         spilling = self._spilling.get(p.name, -math.inf) > now
@@ -573,18 +550,26 @@ class InMemoryLimiter:
             if log is None:
                 return 0
             log.evict(self._clock())
-            return log.used(rule.measure)
+            return counted(rule.measure, log.tin, log.tout, len(log.entries))
         assert rule.calendar is not None
         p = self._periods.get(key)
         start, _ = rule.calendar.bounds(self._wall_clock())
-        return p.used(rule.measure) if p is not None and p.start >= start else 0
+        if p is None or p.start < start:
+            return 0
+        return counted(rule.measure, p.inp, p.out, p.requests)
 
-    def pool_total(self, pool: str) -> int:
-        w = self._pools.get(pool)
+    def pool_total(self, pool: str, owner: str = "") -> int:
+        """The tokens in a pool's window now, or (``owner``) in that owner's share of it."""
+        w = self._pools.get(_owner_log(pool, owner) if owner else pool)
         if w is None:
             return 0
         w.evict(self._clock())
-        return w.used(Measure.TOKENS)
+        return w.tin + w.tout
+
+
+def _owner_log(pool: str, owner: str) -> str:
+    """The key in ``_pools`` of an owner's window in a pool (reserve.lua: ``pool_owner_key``)."""
+    return f"{pool}\x00o\x00{owner}"
 
 
 def _live(w: _Log, now: float) -> bool:

@@ -181,7 +181,7 @@ class PoolCeiling:
     """A pool a request may go to, as seen by that request.
 
     ``tokens_per_minute`` is the pool's ceiling (None: no ceiling, always room). Once a request did not
-    fit under the ceiling, the pool is *spilling*: it admits again only below ``(1 - hysteresis)`` of
+    fit under the ceiling, the pool is *spilling*: it admits again only at or below ``(1 - hysteresis)`` of
     the ceiling, so traffic does not flap between pools at the line.
 
     Fair share: ``owner`` names the requester's share of the pool ("" none), with its ``guaranteed``

@@ -21,7 +21,8 @@ import pytest
 from redis.asyncio import RedisCluster
 
 from extproc.limiter import Decision, InMemoryLimiter, PoolCeiling, RedisLimiter, Reservation, ScopeLimit
-from extproc.limiter.redis_backend import Client, counter_key, pool_key, redis_client
+from extproc.limiter.memory import counted
+from extproc.limiter.redis_backend import Client, counter_key, pool_key, pool_owner_key, redis_client
 from extproc.limiter.types import CONCURRENCY_LEASE_S, POOL_WINDOW_S, Measure, Rule
 
 SCALE = 1 / 64  # a power of two keeps the fake clock's arithmetic exact
@@ -37,16 +38,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def cost(measure: Measure, inp: int, out: int) -> int:
-    if measure is Measure.TOKENS:
-        return inp + out
-    if measure is Measure.INPUT_TOKENS:
-        return inp
-    if measure is Measure.OUTPUT_TOKENS:
-        return out
-    return 1
 
 
 class Harness:
@@ -106,7 +97,7 @@ class Harness:
         total = 0
         for m in members:
             inp, out, _ = m.split(b"|", 2)
-            total += cost(measure, int(inp), int(out))
+            total += counted(measure, int(inp), int(out), 1)
         return total
 
     async def used(self, scope: str, rule: Rule, tenant: str = TENANT) -> int:
@@ -143,10 +134,12 @@ class Harness:
             keys = cast(list[bytes], await self.client.keys(prefix + "*"))
         return {k.decode().removeprefix(prefix) for k in keys}
 
-    async def pool_tokens(self, pool: str) -> int:
+    async def pool_tokens(self, pool: str, owner: str = "") -> int:
+        """The tokens in a pool's window now, or (``owner``) in that owner's share of it."""
         if isinstance(self.limiter, InMemoryLimiter):
-            return self.limiter.pool_total(pool)
-        return await self._window(pool_key(pool), POOL_WINDOW_S * self.scale, Measure.TOKENS)
+            return self.limiter.pool_total(pool, owner)
+        key = pool_owner_key(pool, owner) if owner else pool_key(pool)
+        return await self._window(key, POOL_WINDOW_S * self.scale, Measure.TOKENS)
 
     def assert_wait(self, actual: float, expected: float) -> None:
         """A retry-after equals the expected wait; on real time it may be smaller by the time that passed."""
