@@ -117,7 +117,7 @@ def policy_changes(old: Policy | None, new: Policy) -> dict[str, Any]:
         out["mode"] = [str(old.mode), str(new.mode)]
     old_scopes = _scopes(old) if old is not None else {}
     new_scopes = _scopes(new)
-    for kind in ("tenant", "project", "team", "key"):
+    for kind in ("tenant", "project", "team", "key", "subject"):
         before = {name for (k, name) in old_scopes if k == kind}
         after = {name for (k, name) in new_scopes if k == kind}
         _names(out, f"{kind}s_added", after - before)
@@ -131,6 +131,10 @@ def policy_changes(old: Policy | None, new: Policy) -> dict[str, Any]:
     if old is not None:
         _key_changes(out, old, new)
         _pool_changes(out, old, new)
+        _tenant_changes(out, old, new)
+        routing = _fields_diff(old.routing, new.routing)
+        if routing:
+            out["routing_changed"] = routing
         request = _fields_diff(old.request, new.request)
         if request:
             out["request_changed"] = request
@@ -174,7 +178,29 @@ def _scopes(policy: Policy) -> dict[tuple[str, str], Limits]:
                 out["team", f"{tenant.name}/{project.name}/{team.name}"] = team.limits
     for key in policy.keys_by_sha256.values():
         out["key", key.key_id] = key.limits
+    # principals the policy gives limits of their own without a key: as their key ids read
+    for provider in policy.identity.jwt:
+        for sub, limits in provider.subjects.items():
+            out["subject", f"jwt:{provider.name}:{sub}"] = limits
+    trusted = policy.identity.trusted_headers
+    if trusted is not None:
+        for sub, limits in trusted.subjects.items():
+            out["subject", f"hdr:{trusted.name}:{sub}"] = limits
     return out
+
+
+def _tenant_changes(out: dict[str, Any], old: Policy, new: Policy) -> None:
+    """A tenant's billing calendar (time zone, anchor day) and its own mode: [old, new] per tenant."""
+    calendars: dict[str, Any] = {}
+    modes: dict[str, Any] = {}
+    for name in sorted(old.tenants.keys() & new.tenants.keys()):
+        a, b = old.tenants[name], new.tenants[name]
+        if (a.time_zone, a.billing_anchor_day) != (b.time_zone, b.billing_anchor_day):
+            calendars[bounded(name)] = [[a.time_zone, a.billing_anchor_day], [b.time_zone, b.billing_anchor_day]]
+        if a.mode != b.mode:
+            modes[bounded(name)] = [_plain(a.mode), _plain(b.mode)]
+    _mapping(out, "calendars_changed", calendars)
+    _mapping(out, "tenant_modes_changed", modes)
 
 
 def _limits_diff(old: Limits, new: Limits) -> dict[str, list[Any]]:
@@ -234,6 +260,10 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value[:MAX_ITEMS]]
     if isinstance(value, frozenset | set):  # a key's model allow-list
         return [_plain(v) for v in sorted(value)[:MAX_ITEMS]]
+    if isinstance(value, Mapping):  # a pool's shares
+        return {bounded(str(k)): _plain(v) for k, v in list(value.items())[:MAX_ITEMS]}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # one share
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return bounded(value)
 
 

@@ -81,3 +81,47 @@ def test_an_action_or_thresholds_of_a_rule_are_reported_and_a_blocks_action_once
         "quota_tokens_per_month alert_at": [[80], [80, 100]],
         "quota_requests_per_day alert_at": [[80], [80, 100]],
     }
+
+
+def _whole(calendar: str = "", subjects: str = "", shares: str = "", routing: str = "") -> Policy:
+    return parse_policy(f"""\
+version: "v"
+models: [small]
+{routing}pools:
+  - name: gpu
+    tokens_per_minute: 1000
+{shares}  - name: rest
+tenants:
+  acme:
+{calendar}    projects:
+      chat: {{}}
+keys: []
+identity:
+  trusted_headers:
+    name: sso
+    authorizer: "127.0.0.1:9000"
+    tenant_header: x-auth-tenant
+    default_project: chat
+{subjects}""", "p.yaml")
+
+
+def test_a_tenant_calendar_and_mode_change_is_reported_per_tenant() -> None:
+    tokyo = "    time_zone: Asia/Tokyo\n    billing_anchor_day: 15\n    mode: shadow\n"
+    changes = policy_changes(_whole(), _whole(tokyo))
+    assert changes["calendars_changed"] == {"acme": [["UTC", 1], ["Asia/Tokyo", 15]]}
+    assert changes["tenant_modes_changed"] == {"acme": [None, "shadow"]}
+
+
+def test_a_subject_without_a_key_is_added_and_its_limits_change_like_a_key() -> None:
+    one = "    subjects:\n      - {sub: alice, limits: {tokens_per_minute: 100}}\n"
+    two = "    subjects:\n      - {sub: alice, limits: {tokens_per_minute: 200}}\n"
+    assert policy_changes(_whole(), _whole(subjects=one))["subjects_added"] == ["hdr:sso:alice"]
+    changed = policy_changes(_whole(subjects=one), _whole(subjects=two))["limits_changed"]
+    assert changed == {"subject:hdr:sso:alice": {"tokens_per_minute": [100, 200]}}
+
+
+def test_shares_and_routing_changes_are_reported() -> None:
+    shares = "    shares: {acme: {guaranteed: 400}}\n"
+    changes = policy_changes(_whole(), _whole(shares=shares, routing="routing: {hysteresis_percent: 20}\n"))
+    assert changes["pools_changed"]["gpu"]["shares"] == [{}, {"acme": {"guaranteed": 400, "maximum": 1000}}]
+    assert changes["routing_changed"]["hysteresis"] == [0.1, 0.2]
