@@ -10,6 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
+
+MIN_SECRET_BYTES = 16
+
+
+def read_secret(path: str, what: str) -> bytes:
+    """A shared secret named by a flag (`--settle-secret-file`, `--alert-webhook-secret-file`): the
+    file's bytes, surrounding whitespace stripped, at least MIN_SECRET_BYTES (OSError, ValueError)."""
+    return check_secret(Path(path).read_bytes().strip(), what)
+
+
+def check_secret(secret: bytes, what: str) -> bytes:
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ValueError(f"the {what} must be at least {MIN_SECRET_BYTES} bytes")
+    return secret
 
 
 class FailureMode(StrEnum):

@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from extproc.alerts.sink import AlertSink
 from extproc.alerts.webhook import WebhookConfig, WebhookWorker
 from extproc.service.telemetry import Telemetry
-from extproc.settings import Settings
+from extproc.settings import Settings, read_secret
 
-__all__ = ["MIN_SECRET_BYTES", "alert_sink", "read_secret", "webhook_config"]
-
-MIN_SECRET_BYTES = 16
-
-
-def read_secret(path: str) -> bytes:
-    """The webhook secret: the file's bytes, surrounding whitespace stripped (OSError, ValueError)."""
-    secret = Path(path).read_bytes().strip()
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ValueError(f"the webhook secret must be at least {MIN_SECRET_BYTES} bytes")
-    return secret
+__all__ = ["alert_sink", "webhook_config"]
 
 
 def webhook_config(settings: Settings) -> WebhookConfig | None:
@@ -29,7 +17,8 @@ def webhook_config(settings: Settings) -> WebhookConfig | None:
         if settings.alert_webhook_secret_file is not None:
             raise ValueError("--alert-webhook-secret-file needs --alert-webhook")
         return None
-    secret = read_secret(settings.alert_webhook_secret_file) if settings.alert_webhook_secret_file else None
+    secret = (read_secret(settings.alert_webhook_secret_file, "webhook secret")
+              if settings.alert_webhook_secret_file else None)
     return WebhookConfig(settings.alert_webhook, secret=secret, queue_size=settings.alert_queue)
 
 

@@ -20,7 +20,7 @@ Semantics (both backends implement them identically; see README.md in this packa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
@@ -39,16 +39,8 @@ CONCURRENCY_LEASE_S = RESERVATION_MIN_TTL_S
 # Windows longer than this are refused by the policy: an exact log holds one entry per request in it.
 MAX_WINDOW_S = 7 * 86400.0
 
-# Decision.denied_kind values (and, for a rule, ``Rule.kind``)
-KIND_TOKENS = "tokens"
-KIND_INPUT_TOKENS = "input_tokens"
-KIND_OUTPUT_TOKENS = "output_tokens"
-KIND_REQUESTS = "requests"
-KIND_CONCURRENT = "concurrent"
-KIND_QUOTA_TOKENS = "quota_tokens"
-KIND_QUOTA_INPUT_TOKENS = "quota_input_tokens"
-KIND_QUOTA_OUTPUT_TOKENS = "quota_output_tokens"
-KIND_QUOTA_REQUESTS = "quota_requests"
+# Decision.denied_kind values: a rule's own kind (``Rule.kind``: "tokens", "input_tokens", "output_tokens",
+# "requests", "concurrent", and "quota_<measure>" for a billing-period rule), or one of these:
 KIND_TOO_LARGE = "too_large"
 KIND_POOL = "pool"
 KIND_BACKEND = "backend"
@@ -97,6 +89,9 @@ class Rule:
     enforce: bool = True  # False: over the limit is let through and reported (Decision.alerts)
     alert_at: tuple[int, ...] = ()  # percents of the limit that raise a threshold event once per period
     group: str = ""
+    # the counter's id within its scope: "w<ms>", "q<calendar>" or "c", then "~<group>" if any (made
+    # once here: the in-memory limiter keys its counters by it on every request)
+    counter: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.measure is Measure.CONCURRENT:
@@ -110,17 +105,13 @@ class Rule:
             raise ValueError("limit must be >= 0")
         if "|" in self.group or "\n" in self.group:
             raise ValueError(f"group must not contain '|' or a newline: {self.group!r}")
-
-    @property
-    def counter(self) -> str:
-        """The counter's id within its scope: "w<ms>", "q<calendar>" or "c", then "~<group>" if any."""
         if self.window_s is not None:
             base = f"w{round(self.window_s * 1000)}"
         elif self.calendar is not None:
             base = f"q{self.calendar.key}"
         else:
             base = "c"
-        return f"{base}~{self.group}" if self.group else base
+        object.__setattr__(self, "counter", f"{base}~{self.group}" if self.group else base)
 
     @property
     def kind(self) -> str:

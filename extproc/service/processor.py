@@ -422,7 +422,8 @@ class StreamProcessor:
             return self._refuse(
                 403, f"The model '{bounded(info.model)}' is not allowed for key '{s.key.key_id}'.",
                 type_="invalid_request_error", code="model_not_allowed", decision=Decision.REFUSED, param="model")
-        if not self.ctx.pools(s.policy, model):
+        s.model = model  # narrows the limits that apply, and the pools
+        if not self.ctx.pools(s.policy, s.model, s.key):  # the same lookup the reservation makes
             return self._refuse(
                 404, f"The model '{bounded(info.model)}' is not served by this gateway.",
                 type_="invalid_request_error", code="model_not_found", decision=Decision.REFUSED, param="model")
@@ -435,7 +436,6 @@ class StreamProcessor:
         # What the forwarded request may generate: exactly what is reserved for it.
         limit = output_limit(asked, s.policy)
         tokens = reservation_tokens(info.prompt_tokens_estimate, asked, s.policy, info.n)
-        s.model = model
         decision = await self._reserve(tokens, output=tokens - info.prompt_tokens_estimate)
         refusal = self._refusal_for(decision)
         if refusal is not None:

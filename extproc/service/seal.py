@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from pathlib import Path
+
+from extproc.settings import check_secret, read_secret
 
 SEAL_KEY = "seal"
 
 
 class Seal:
     def __init__(self, secret: bytes) -> None:
-        if len(secret) < 16:
-            raise ValueError("the settle secret must be at least 16 bytes")
-        self._secret = secret
+        self._secret = check_secret(secret, "settle secret")
 
     @classmethod
     def from_file(cls, path: str) -> Seal:
-        return cls(Path(path).read_bytes().strip())
+        return cls(read_secret(path, "settle secret"))
 
     def sign(self, data: bytes) -> str:
         return hmac.new(self._secret, data, hashlib.sha256).hexdigest()[:32]
